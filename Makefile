@@ -1,0 +1,33 @@
+# The two commands of the README: `make run` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch that this project pins for development and CI
+# (a plain `torch` requirement would pull the multi-GB CUDA build).
+TORCH_PIN := torch==2.13.0
+CORES ?= 2
+RUN := default
+
+.PHONY: setup run test dag clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_PIN)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+run: setup
+	CONDOR_CONFIG=/dev/null $(BIN)/snakemake --cores $(CORES)
+	@echo "Evaluation: results/$(RUN)/evaluation/metrics.json and results/$(RUN)/evaluation/*.png"
+
+test: setup
+	CONDOR_CONFIG=/dev/null $(BIN)/python -m pytest
+
+dag: setup
+	CONDOR_CONFIG=/dev/null $(BIN)/snakemake --dag | dot -Tsvg > docs/dag.svg
+
+clean:
+	rm -rf results .snakemake

@@ -1,0 +1,87 @@
+"""Settings: fingerprints and the split between model settings and `local` ones."""
+
+import glob
+import hashlib
+import json
+from pathlib import Path
+
+
+def canonical_json(settings):
+    """JSON text of `settings` with sorted keys, the same for equal settings."""
+    return json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def fingerprint(settings, input_files=()):
+    """A short hash of `settings` and of the contents of `input_files`.
+
+    Two fingerprints are equal only when the settings are equal and every input
+    file has the same bytes: a checkpoint made from other settings or other
+    upstream artefacts never matches.
+    """
+    digest = hashlib.sha256(canonical_json(settings).encode())
+    for path in input_files:
+        digest.update(file_digest(path).encode())
+    return digest.hexdigest()[:16]
+
+
+def file_digest(path):
+    """sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def without_local(config):
+    """The settings that determine the results: everything but `local`."""
+    return {key: value for key, value in config.items() if key != "local"}
+
+
+def run_dir(config):
+    return Path("results") / config["run"]
+
+
+# The settings that decide each step's output: Snakemake's `params:` of each rule and
+# the checkpoint fingerprints use exactly these, so a change reruns what it touches.
+# The library functions read only these subsets (plus `local`).
+PROBLEM_KEYS = ("seed", "detectors", "extrinsic_prior", "inference_parameters")
+
+
+def _pick(config, keys):
+    return {key: config[key] for key in keys}
+
+
+def simulation_settings(config):
+    return _pick(config, ("seed", "simulation", "intrinsic_prior", "detectors"))
+
+
+def trafo_settings(config):
+    return _pick(config, (*PROBLEM_KEYS, "trafo"))
+
+
+def svd_settings(config):
+    return _pick(config, (*PROBLEM_KEYS, "svd"))
+
+
+def stage_settings(config, stage):
+    return _pick(config, (*PROBLEM_KEYS, "model")) | {"training": {stage: config["training"][stage]}}
+
+
+def evaluation_settings(config):
+    return _pick(config, (*PROBLEM_KEYS, "intrinsic_prior", "model", "training", "evaluation"))
+
+
+def resolve_files(spec, key):
+    """A sorted list of paths from a glob pattern or a list; an empty result is an error naming `key`."""
+    if spec is None:
+        raise ValueError(f"data.{key}: no files given (a glob pattern or a list of paths)")
+    if isinstance(spec, str):
+        paths = sorted(glob.glob(spec))
+        if not paths:
+            raise ValueError(f"data.{key}: the pattern '{spec}' matches no file")
+        return paths
+    missing = [p for p in spec if not Path(p).is_file()]
+    if missing:
+        raise ValueError(f"data.{key}: file not found: {missing[0]}")
+    return list(spec)

@@ -1,0 +1,1 @@
+"""Evaluation of a trained posterior model: metrics, calibration and plots."""

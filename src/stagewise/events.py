@@ -1,0 +1,167 @@
+"""The HDF5 event-file layout shared by simulated and user-supplied data.
+
+An event file holds N events::
+
+    /                 attrs: stagewise_layout = "events/1", kind = "signals" | "observations"
+    /labels/<name>    float, shape (N,)        one dataset per parameter (label)
+    /data/<name>      shape (N, ...)           network inputs, or for kind "signals"
+                                               h_plus and h_cross, complex, shape (N, F)
+    /frequencies      float, shape (F,)        kind "signals" only: the frequency grid in Hz
+
+Only metadata is read to count events; data is read in contiguous chunks.
+"""
+
+import logging
+
+import h5py
+import numpy as np
+
+from .files import atomic_path
+
+log = logging.getLogger(__name__)
+
+LAYOUT = "events/1"
+KINDS = ("signals", "observations")
+SIGNAL_DATASETS = ("h_plus", "h_cross")
+
+
+class EventFileError(ValueError):
+    """An event file that does not follow the layout; the message names file and dataset."""
+
+
+def write_event_file(path, labels, data, kind, frequencies=None, attrs=None):
+    """Write one event file atomically from dicts of numpy arrays."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["stagewise_layout"] = LAYOUT
+        f.attrs["kind"] = kind
+        for key, value in (attrs or {}).items():
+            f.attrs[key] = value
+        for name, values in labels.items():
+            f.create_dataset(f"labels/{name}", data=np.asarray(values, dtype=np.float64))
+        for name, values in data.items():
+            f.create_dataset(f"data/{name}", data=values)
+        if frequencies is not None:
+            f.create_dataset("frequencies", data=np.asarray(frequencies, dtype=np.float64))
+
+
+def _open(path):
+    try:
+        return h5py.File(path, "r")
+    except FileNotFoundError:
+        raise EventFileError(f"{path}: event file not found") from None
+    except OSError as err:
+        raise EventFileError(f"{path}: not a readable HDF5 file ({err})") from None
+
+
+def _check_layout(f, path, kind):
+    if f.attrs.get("stagewise_layout") != LAYOUT:
+        raise EventFileError(f"{path}: root attribute 'stagewise_layout' must be '{LAYOUT}'")
+    if f.attrs.get("kind") != kind:
+        raise EventFileError(f"{path}: root attribute 'kind' is {f.attrs.get('kind')!r}, expected {kind!r}")
+    for group in ("labels", "data"):
+        if group not in f or not len(f[group]):
+            raise EventFileError(f"{path}: missing group '/{group}' with at least one dataset")
+    n = {f"labels/{k}": d.shape[0] if d.ndim else None for k, d in f["labels"].items()}
+    n.update({f"data/{k}": d.shape[0] if d.ndim else None for k, d in f["data"].items()})
+    if len(set(n.values())) != 1 or None in n.values():
+        raise EventFileError(f"{path}: datasets disagree on the number of events: {n}")
+    if kind == "signals":
+        for name in SIGNAL_DATASETS:
+            if name not in f["data"]:
+                raise EventFileError(f"{path}: missing dataset '/data/{name}'")
+        if "frequencies" not in f:
+            raise EventFileError(f"{path}: missing dataset '/frequencies'")
+        width = f["frequencies"].shape[0]
+        for name in SIGNAL_DATASETS:
+            if f["data"][name].shape[1:] != (width,):
+                raise EventFileError(
+                    f"{path}: '/data/{name}' has shape {f['data'][name].shape}, expected (N, {width})"
+                )
+    return next(iter(n.values()))
+
+
+def count_events(path, kind="signals"):
+    """Number of events in one file, from metadata only."""
+    with _open(path) as f:
+        return _check_layout(f, path, kind)
+
+
+def count_splits(splits, kind="signals"):
+    """Events per file and total per split; `splits` maps split name to a list of paths."""
+    counts = {}
+    for split, paths in splits.items():
+        if not paths:
+            raise EventFileError(f"split '{split}': no event files given")
+        per_file = {str(p): count_events(p, kind) for p in paths}
+        total = sum(per_file.values())
+        if total == 0:
+            raise EventFileError(f"split '{split}': the files hold no events ({', '.join(per_file)})")
+        counts[split] = {"total": total, "files": per_file}
+        log.info("%s: %d events in %d files", split, total, len(per_file))
+    return counts
+
+
+def read_frequencies(path):
+    with _open(path) as f:
+        return f["frequencies"][()]
+
+
+def read_events(paths, labels, data_keys, limit=None):
+    """Concatenate the named labels and data of `paths` into memory, up to `limit` events.
+
+    Returns (labels dict of float64 arrays, data dict of arrays)."""
+    out_labels = {name: [] for name in labels}
+    out_data = {name: [] for name in data_keys}
+    remaining = np.inf if limit is None else limit
+    for path in paths:
+        if remaining <= 0:
+            break
+        with _open(path) as f:
+            for name in labels:
+                if name not in f.get("labels", {}):
+                    raise EventFileError(f"{path}: missing dataset '/labels/{name}'")
+            n = int(min(f["data"][data_keys[0]].shape[0], remaining))
+            for name in labels:
+                out_labels[name].append(f["labels"][name][:n])
+            for name in data_keys:
+                out_data[name].append(f["data"][name][:n])
+            remaining -= n
+    labels_arr = {k: np.concatenate(v) for k, v in out_labels.items()}
+    data_arr = {k: np.concatenate(v) for k, v in out_data.items()}
+    return labels_arr, data_arr
+
+
+def iter_chunks(paths, labels, data_keys, chunk_size, num_chunks):
+    """Yield `num_chunks` consecutive chunks of `chunk_size` events, read file by file.
+
+    Each chunk is (labels dict, data dict) of numpy arrays; only one chunk (plus one
+    block of the current file) is in memory at a time. Raises EventFileError when the
+    files hold fewer than chunk_size * num_chunks events."""
+    needed = chunk_size * num_chunks
+    available = sum(count_events(p) for p in paths)
+    if available < needed:
+        raise EventFileError(
+            f"{len(paths)} file(s) starting with {paths[0]} hold {available} events, "
+            f"but {num_chunks} batches of {chunk_size} need {needed}"
+        )
+    keys = [("labels", k) for k in labels] + [("data", k) for k in data_keys]
+    buffer = {key: [] for key in keys}
+    buffered = emitted = 0
+    for path in paths:
+        with _open(path) as f:
+            n = f["data"][data_keys[0]].shape[0]
+            for start in range(0, n, chunk_size):
+                for group, name in keys:
+                    buffer[group, name].append(f[group][name][start : start + chunk_size])
+                buffered += min(chunk_size, n - start)
+                while buffered >= chunk_size:
+                    joined = {key: np.concatenate(parts) for key, parts in buffer.items()}
+                    yield (
+                        {name: joined["labels", name][:chunk_size] for name in labels},
+                        {name: joined["data", name][:chunk_size] for name in data_keys},
+                    )
+                    emitted += 1
+                    if emitted == num_chunks:
+                        return
+                    buffer = {key: [value[chunk_size:]] for key, value in joined.items()}
+                    buffered -= chunk_size

@@ -1,0 +1,1 @@
+"""Neural networks: the torch posterior model (embedding + normalizing flow)."""

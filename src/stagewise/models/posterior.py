@@ -1,0 +1,66 @@
+"""The neural posterior estimator: an nflows neural spline flow conditioned on the embedding."""
+
+import torch
+from nflows import distributions, flows, transforms
+from nflows.nn.nets import ResidualNet
+from nflows.utils import create_alternating_binary_mask
+from torch import nn
+from torch.nn import functional as F
+
+from .embedding import EmbeddingNet
+
+
+def spline_flow(num_parameters, context_dim, num_transforms, hidden_dim, num_blocks, num_bins, tail_bound):
+    """Coupling rational-quadratic splines alternating with random permutations and LU layers."""
+    steps = []
+    for i in range(num_transforms):
+        steps += [
+            transforms.RandomPermutation(num_parameters),
+            transforms.LULinear(num_parameters, identity_init=True),
+            transforms.PiecewiseRationalQuadraticCouplingTransform(
+                mask=create_alternating_binary_mask(num_parameters, even=i % 2 == 0),
+                transform_net_create_fn=lambda n_in, n_out: ResidualNet(
+                    n_in, n_out, hidden_dim, context_features=context_dim, num_blocks=num_blocks, activation=F.elu
+                ),
+                num_bins=num_bins,
+                tails="linear",
+                tail_bound=tail_bound,
+            ),
+        ]
+    steps.append(transforms.LULinear(num_parameters, identity_init=True))
+    return flows.Flow(transforms.CompositeTransform(steps), distributions.StandardNormal([num_parameters]))
+
+
+class PosteriorModel(nn.Module):
+    """q(theta | strain, ASD features) in the trafo's network space.
+
+    `architecture` is the dict of constructor arguments, stored in every model file so
+    the model can be rebuilt without the config.
+    """
+
+    def __init__(self, architecture):
+        super().__init__()
+        self.architecture = dict(architecture)
+        a = self.architecture
+        self.embedding = EmbeddingNet(
+            a["num_detectors"], a["num_inputs"], a["svd_size"], a["num_asd_features"],
+            a["embedding"]["hidden_dims"], a["embedding"]["output_dim"],
+        )
+        flow = a["flow"]
+        self.flow = spline_flow(
+            a["num_parameters"], a["embedding"]["output_dim"], flow["num_transforms"], flow["hidden_dim"],
+            flow["num_blocks"], flow["num_bins"], flow["tail_bound"],
+        )
+
+    def log_prob(self, theta, strain, asd_features):
+        """log q(theta | data) for theta (B, P) in network space; returns (B,)."""
+        return self.flow.log_prob(theta, context=self.embedding(strain, asd_features))
+
+    def loss(self, theta, strain, asd_features):
+        return -self.log_prob(theta, strain, asd_features).mean()
+
+    @torch.no_grad()
+    def sample(self, strain, asd_features, num_samples):
+        """(B, num_samples, P) draws in network space, with their log q (B, num_samples)."""
+        context = self.embedding(strain, asd_features)
+        return self.flow.sample_and_log_prob(num_samples, context=context)

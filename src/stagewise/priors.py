@@ -1,0 +1,63 @@
+"""One-dimensional priors: uniform, loguniform and fixed, sampled with a seeded torch generator."""
+
+import math
+
+import torch
+
+
+class Prior:
+    """A prior of one parameter, built from its config entry `{distribution, low, high}`
+    or `{distribution: fixed, value}`."""
+
+    def __init__(self, name, spec):
+        self.name = name
+        self.distribution = spec["distribution"]
+        if self.distribution == "fixed":
+            self.low = self.high = float(spec["value"])
+        else:
+            self.low, self.high = float(spec["low"]), float(spec["high"])
+            if not self.low < self.high:
+                raise ValueError(f"prior '{name}': low ({self.low}) must be below high ({self.high})")
+            if self.distribution == "loguniform" and self.low <= 0:
+                raise ValueError(f"prior '{name}': loguniform needs low > 0, got {self.low}")
+
+    def sample(self, n, generator):
+        """n float64 draws."""
+        if self.distribution == "fixed":
+            return torch.full((n,), self.low, dtype=torch.float64, device=generator.device)
+        u = torch.rand(n, generator=generator, dtype=torch.float64, device=generator.device)
+        if self.distribution == "uniform":
+            return self.low + (self.high - self.low) * u
+        return torch.exp(math.log(self.low) + (math.log(self.high) - math.log(self.low)) * u)
+
+    def log_prob(self, x):
+        """Log density at x (float64 tensor); -inf outside the support."""
+        inside = (x >= self.low) & (x <= self.high)
+        if self.distribution == "uniform":
+            density = torch.full_like(x, -math.log(self.high - self.low))
+        elif self.distribution == "loguniform":
+            density = -torch.log(x.clamp_min(self.low)) - math.log(math.log(self.high / self.low))
+        else:
+            density = torch.zeros_like(x)
+        return torch.where(inside, density, torch.full_like(x, -math.inf))
+
+    def std(self):
+        """Standard deviation of the prior."""
+        if self.distribution == "fixed":
+            return 0.0
+        if self.distribution == "uniform":
+            return (self.high - self.low) / math.sqrt(12)
+        log_ratio = math.log(self.high / self.low)
+        mean = (self.high - self.low) / log_ratio
+        second = (self.high**2 - self.low**2) / (2 * log_ratio)
+        return math.sqrt(second - mean**2)
+
+
+def make_priors(specs):
+    """{name: Prior} from a config section `{name: spec}`."""
+    return {name: Prior(name, spec) for name, spec in specs.items()}
+
+
+def sample_priors(priors, n, generator):
+    """{name: float64 tensor (n,)}, drawn in the order of `priors`."""
+    return {name: prior.sample(n, generator) for name, prior in priors.items()}

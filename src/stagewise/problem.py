@@ -1,0 +1,42 @@
+"""What every step of a run shares: the frequency grid, detectors, priors, ASDs and the simulator."""
+
+import torch
+
+from .data import StrainSimulator
+from .detectors import Detectors, read_asd_file
+from .events import read_frequencies
+from .priors import make_priors
+
+
+def intrinsic_names(config):
+    """Inference parameters read from the event files (the rest are extrinsic)."""
+    return [p for p in config["inference_parameters"] if p not in config["extrinsic_prior"]]
+
+
+def make_simulator(config, event_file, fiducial_asd_file, asd_set_file=None, device="cpu", num_asd_bands=1):
+    """The StrainSimulator of this config; ASDs are checked against the event file's frequencies.
+
+    num_asd_bands only shapes the ASD features, which the trafo and SVD steps do not use."""
+    frequencies = read_frequencies(event_file)
+    detectors = Detectors(config["detectors"])
+    fiducial = read_asd_file(fiducial_asd_file, detectors.names, frequencies)[0]
+    asd_set = None if asd_set_file is None else read_asd_file(asd_set_file, detectors.names, frequencies)
+    priors = make_priors(config["extrinsic_prior"])
+    return StrainSimulator(frequencies, detectors, priors, fiducial, asd_set,
+                           num_asd_bands, torch.device(device))
+
+
+def check_inference_parameters(config):
+    """Each inference parameter has a prior, log labels are inference parameters, stages are numbered 0, 1, ..."""
+    known = {**config["intrinsic_prior"], **config["extrinsic_prior"]}
+    for name in config["inference_parameters"]:
+        if name not in known:
+            raise ValueError(f"inference_parameters: '{name}' is in neither intrinsic_prior nor extrinsic_prior")
+        if known[name]["distribution"] == "fixed":
+            raise ValueError(f"inference_parameters: '{name}' has a fixed prior and cannot be inferred")
+    for name in config["trafo"]["log_labels"]:
+        if name not in config["inference_parameters"]:
+            raise ValueError(f"trafo.log_labels: '{name}' is not an inference parameter")
+    expected = [f"stage_{i}" for i in range(len(config["training"]))]
+    if sorted(config["training"], key=lambda s: int(s.split("_")[1])) != expected:
+        raise ValueError(f"training: stages must be named {', '.join(expected)}; found {', '.join(config['training'])}")

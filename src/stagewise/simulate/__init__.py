@@ -1,0 +1,1 @@
+"""The embedded toy problem: ringdown-like damped sinusoids seen by two detectors."""

@@ -1,0 +1,45 @@
+"""The simulate step: event files and ASD files of the toy problem, seeded."""
+
+import json
+import logging
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..detectors import write_asd_file
+from ..events import write_event_file
+from ..priors import make_priors, sample_priors
+from ..provenance import provenance
+from .noise import fiducial_asd, frequency_grid, varied_asds
+from .ringdown import ringdown_polarisations
+
+log = logging.getLogger(__name__)
+
+
+def simulate(settings, intrinsic_prior, detector_names, seed, event_paths, fiducial_path, asd_set_path):
+    """Write the toy problem's files.
+
+    event_paths: list of event-file paths (one file of `events_per_file` each);
+    the ASD files hold one fiducial ASD, and `asd_set.num_asds` varied ones, per detector."""
+    generator = torch.Generator().manual_seed(seed)
+    frequencies = frequency_grid(**settings["frequencies"])
+    attrs = {"settings": json.dumps(settings, sort_keys=True), **provenance()}
+    priors = make_priors(intrinsic_prior)
+    for path in tqdm(event_paths, desc="simulate", mininterval=2):
+        labels = sample_priors(priors, settings["events_per_file"], generator)
+        h_plus, h_cross = ringdown_polarisations(labels["f0"], labels["tau"], frequencies)
+        data = {"h_plus": h_plus.to(torch.complex64).numpy(), "h_cross": h_cross.to(torch.complex64).numpy()}
+        labels = {k: v.numpy() for k, v in labels.items()}
+        write_event_file(path, labels, data, "signals", frequencies.numpy(), attrs)
+        log.info("wrote %s (%d events)", path, settings["events_per_file"])
+    asd = settings["asd"]
+    fiducial = {d: fiducial_asd(frequencies, level) for d, level in zip(detector_names, asd["levels"])}
+    write_asd_file(fiducial_path, frequencies, {d: a[None, :].numpy() for d, a in fiducial.items()}, attrs)
+    varied = {
+        d: varied_asds(a, asd["num_asds"], asd["level_scatter"], asd["shape_scatter"], generator).numpy()
+        for d, a in fiducial.items()
+    }
+    write_asd_file(asd_set_path, frequencies, varied, attrs)
+    log.info("wrote %s and %s (%d ASDs per detector)", fiducial_path, asd_set_path, asd["num_asds"])
+    return np.asarray(frequencies)

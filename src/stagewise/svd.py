@@ -1,0 +1,87 @@
+"""The reduced basis of the whitened signals and its mismatch diagnostics."""
+
+import json
+import logging
+
+import h5py
+import numpy as np
+import torch
+
+from .files import atomic_path
+from .priors import sample_priors
+from .provenance import provenance
+
+log = logging.getLogger(__name__)
+
+PERCENTILES = (50, 90, 99, 99.9)
+
+
+def whitened_signal_vectors(simulator, trafo, h_plus, h_cross, generator):
+    """Unit-norm real vectors (N, D, 2F) of noise-free whitened, standardised signals."""
+    extrinsic = sample_priors(simulator.extrinsic_priors, h_plus.shape[0], generator)
+    whitened = simulator.signals(h_plus, h_cross, extrinsic) / simulator.fiducial_asd
+    real = torch.stack((whitened.real, whitened.imag), dim=2).to(torch.float64)
+    real = (real / trafo.input_std.to(real)).flatten(2)
+    return real / torch.linalg.vector_norm(real, dim=-1, keepdim=True)
+
+
+def fit_basis(vectors, size):
+    """First `size` right-singular vectors (P, size) of vectors (N, P), and all singular values."""
+    if size > min(vectors.shape):
+        raise ValueError(f"svd.size {size} exceeds min(num_training_samples, 2F) = {min(vectors.shape)}")
+    _, singular_values, vh = torch.linalg.svd(vectors, full_matrices=False)
+    return vh[:size].T.contiguous(), singular_values
+
+
+def mismatch_table(basis, vectors):
+    """Mismatch 1 - |V_k^T s| of unit vectors s, for truncations k = 1, 2, 4, ..., size.
+
+    Returns {"size": [...], "mean": [...], "max": [...], "p50": [...], ...}."""
+    size = basis.shape[1]
+    sizes = sorted({min(2**i, size) for i in range(size.bit_length() + 1)})
+    coefficients = vectors @ basis
+    table = {"size": sizes, "mean": [], "max": []} | {f"p{p}": [] for p in PERCENTILES}
+    for k in sizes:
+        kept = coefficients[:, :k].square().sum(-1).clamp(max=1.0)
+        mismatch = (1 - torch.sqrt(kept)).numpy()
+        table["mean"].append(float(mismatch.mean()))
+        table["max"].append(float(mismatch.max()))
+        for p in PERCENTILES:
+            table[f"p{p}"].append(float(np.percentile(mismatch, p)))
+    return table
+
+
+def build_svd(simulator, trafo, h_plus, h_cross, size, num_training, seed):
+    """Per-detector bases and mismatch tables: {detector: (basis (2F, K), singular values, table)}.
+
+    The first `num_training` events fit the basis, the rest measure its mismatch."""
+    generator = torch.Generator(simulator.device).manual_seed(seed)
+    vectors = whitened_signal_vectors(simulator, trafo, h_plus, h_cross, generator).cpu()
+    results = {}
+    for d, name in enumerate(simulator.detectors.names):
+        basis, singular_values = fit_basis(vectors[:num_training, d], size)
+        table = mismatch_table(basis, vectors[num_training:, d])
+        log.info("%s: mismatch at size %d: mean %.2e, max %.2e", name, size, table["mean"][-1], table["max"][-1])
+        results[name] = (basis, singular_values, table)
+    return results
+
+
+def save_svd(path, detector, basis, singular_values, table, settings):
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["stagewise_layout"] = "svd/1"
+        f.attrs["detector"] = detector
+        f.attrs["settings"] = json.dumps(settings, sort_keys=True)
+        for key, value in provenance().items():
+            f.attrs[key] = value
+        f["basis"] = basis.numpy()
+        f["singular_values"] = singular_values.numpy()
+        for key, values in table.items():
+            f[f"mismatch/{key}"] = np.asarray(values)
+
+
+def load_svd(path):
+    """(basis (2F, K) float64 array, mismatch table dict)."""
+    with h5py.File(path, "r") as f:
+        if f.attrs.get("stagewise_layout") != "svd/1":
+            raise ValueError(f"{path}: not a stagewise SVD file (attribute 'stagewise_layout')")
+        return f["basis"][()], {k: f["mismatch"][k][()].tolist() for k in f["mismatch"]}

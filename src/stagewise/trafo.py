@@ -1,0 +1,114 @@
+"""The transformation model: standardisation of labels (optionally of their log) and of inputs."""
+
+import json
+import logging
+
+import h5py
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .events import SIGNAL_DATASETS, iter_chunks
+from .files import atomic_path
+from .provenance import provenance
+
+log = logging.getLogger(__name__)
+
+
+class Trafo:
+    """Label standardisation z = (g(x) - mean) / std, g = log or identity, and input
+    standardisation (x - mean) / std per input feature."""
+
+    def __init__(self, names, label_mean, label_std, log_labels, input_mean, input_std):
+        self.names = list(names)
+        self.label_mean = torch.as_tensor(label_mean, dtype=torch.float64)
+        self.label_std = torch.as_tensor(label_std, dtype=torch.float64)
+        self.log_labels = torch.as_tensor(log_labels, dtype=torch.bool)
+        self.input_mean = torch.as_tensor(input_mean, dtype=torch.float32)
+        self.input_std = torch.as_tensor(input_std, dtype=torch.float32)
+
+    def labels_to_network(self, parameters):
+        """{name: float64 (B,)} -> float32 (B, P) in network space."""
+        x = torch.stack([parameters[n].to(torch.float64) for n in self.names], dim=-1)
+        mean, std, logs = (t.to(x.device) for t in (self.label_mean, self.label_std, self.log_labels))
+        x = torch.where(logs, torch.log(x.clamp_min(1e-300)), x)
+        return ((x - mean) / std).to(torch.float32)
+
+    def labels_from_network(self, z):
+        """float (..., P) in network space -> float64 (..., P) physical values."""
+        mean, std, logs = (t.to(z.device) for t in (self.label_mean, self.label_std, self.log_labels))
+        x = z.to(torch.float64) * std + mean
+        return torch.where(logs, torch.exp(x), x)
+
+    def log_abs_det_jacobian(self, z):
+        """log |d z / d x| of labels_to_network at network-space z (..., P): for densities."""
+        std, logs = self.label_std.to(z.device), self.log_labels.to(z.device)
+        x = self.labels_from_network(z)
+        per_label = -torch.log(std) - torch.where(logs, torch.log(x), torch.zeros_like(x))
+        return per_label.sum(-1)
+
+    def inputs_to_network(self, inputs):
+        return (inputs - self.input_mean.to(inputs.device)) / self.input_std.to(inputs.device)
+
+    def save(self, path, settings):
+        with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+            f.attrs["stagewise_layout"] = "trafo/1"
+            f.attrs["settings"] = json.dumps(settings, sort_keys=True)
+            for key, value in provenance().items():
+                f.attrs[key] = value
+            f["labels/names"] = np.array(self.names, dtype=h5py.string_dtype())
+            f["labels/mean"] = self.label_mean.numpy()
+            f["labels/std"] = self.label_std.numpy()
+            f["labels/log"] = self.log_labels.numpy()
+            f["inputs/mean"] = self.input_mean.numpy()
+            f["inputs/std"] = self.input_std.numpy()
+
+    @classmethod
+    def load(cls, path):
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("stagewise_layout") != "trafo/1":
+                raise ValueError(f"{path}: not a stagewise trafo file (attribute 'stagewise_layout')")
+            return cls(
+                [n.decode() if isinstance(n, bytes) else n for n in f["labels/names"][()]],
+                f["labels/mean"][()], f["labels/std"][()], f["labels/log"][()],
+                f["inputs/mean"][()], f["inputs/std"][()],
+            )
+
+
+def fit_trafo(paths, intrinsic_names, simulator, parameters, log_labels, num_batches, batch_size, seed,
+              standardize_inputs=True):
+    """Fit a Trafo streaming over `num_batches` batches of the trafo files.
+
+    Labels of intrinsic parameters come from the files, extrinsic ones and noise from
+    `simulator` (fiducial ASD), so the statistics are those of the training inputs."""
+    unknown = [p for p in log_labels if p not in parameters]
+    if unknown:
+        raise ValueError(f"trafo.log_labels: {unknown} are not inference parameters {parameters}")
+    generator = torch.Generator(simulator.device).manual_seed(seed)
+    logs = torch.tensor([p in log_labels for p in parameters])
+    sums = {"label": 0.0, "label_sq": 0.0, "input": 0.0, "input_sq": 0.0}
+    chunks = iter_chunks(paths, intrinsic_names, SIGNAL_DATASETS, batch_size, num_batches)
+    for labels, data in tqdm(chunks, total=num_batches, desc="fit_trafo", mininterval=2):
+        h_plus, h_cross = (torch.as_tensor(data[k], device=simulator.device) for k in SIGNAL_DATASETS)
+        values, inputs, _ = simulator(h_plus, h_cross, labels, generator)
+        x = torch.stack([values[p].to(torch.float64) for p in parameters], dim=-1).cpu()
+        bad = logs & (x <= 0).any(0)
+        if bad.any():
+            raise ValueError(f"trafo.log_labels: {[p for p, b in zip(parameters, bad) if b]} have values <= 0")
+        x = torch.where(logs, torch.log(x), x)
+        inputs = inputs.to(torch.float64).cpu()
+        sums["label"] += x.sum(0)
+        sums["label_sq"] += x.square().sum(0)
+        sums["input"] += inputs.sum(0)
+        sums["input_sq"] += inputs.square().sum(0)
+    n = num_batches * batch_size
+    label_mean = sums["label"] / n
+    label_std = torch.sqrt(sums["label_sq"] / n - label_mean.square())
+    input_mean, input_std = sums["input"] / n, torch.sqrt(sums["input_sq"] / n - (sums["input"] / n).square())
+    if not standardize_inputs:
+        input_mean, input_std = torch.zeros_like(input_mean), torch.ones_like(input_std)
+    zero = [p for p, s in zip(parameters, label_std) if not s > 0]
+    if zero:
+        raise ValueError(f"inference parameters {zero} do not vary in the trafo data: fix them or drop them")
+    log.info("label means %s, stds %s", label_mean.tolist(), label_std.tolist())
+    return Trafo(parameters, label_mean, label_std, logs, input_mean, input_std)

@@ -1,0 +1,1 @@
+"""The backend-neutral stage runner: checkpoints, resume, runtime limits, history."""

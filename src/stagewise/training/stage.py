@@ -1,0 +1,127 @@
+"""One training stage of the posterior model on signals plus noise: data, model, optimizer, run."""
+
+import logging
+
+import pandas as pd
+import torch
+
+from .. import seeds
+from ..config import fingerprint, stage_settings
+from ..data import EventBank
+from ..events import SIGNAL_DATASETS, read_events
+from ..files import atomic_path, write_text
+from ..models.posterior import PosteriorModel
+from ..problem import intrinsic_names, make_simulator
+from ..provenance import provenance
+from ..svd import load_svd
+from ..trafo import Trafo
+from . import checkpoints
+from .runner import run_stage
+
+log = logging.getLogger(__name__)
+
+PROJECTION_SCALE_SAMPLES = 4096
+
+
+def architecture(config, simulator, svd_size):
+    return dict(
+        num_detectors=len(simulator.detectors.names), num_inputs=2 * len(simulator.frequencies),
+        svd_size=svd_size, num_asd_features=simulator.num_asd_features,
+        num_parameters=len(config["inference_parameters"]),
+        embedding=config["model"]["embedding"], flow=config["model"]["flow"],
+    )
+
+
+def batch_maker(bank, simulator, trafo, asd):
+    """A function index -> (theta, strain, asd features) in network space, drawing from a generator."""
+    def make(index, generator):
+        h_plus, h_cross, labels = bank.take(index)
+        parameters, inputs, features = simulator(h_plus, h_cross, labels, generator, asd)
+        return trafo.labels_to_network(parameters), trafo.inputs_to_network(inputs), features
+    return make
+
+
+def new_model(config, simulator, trafo, svd_files, bank):
+    """Stage 0's model: seeded weights, SVD-seeded first layer, projection scale from data."""
+    bases = [load_svd(path)[0] for path in svd_files]
+    torch.manual_seed(seeds.derived_seed(config["seed"], "model"))
+    model = PosteriorModel(architecture(config, simulator, bases[0].shape[1])).to(simulator.device)
+    model.embedding.seed_svd(bases)
+    make = batch_maker(bank, simulator, trafo, "fiducial")
+    count = min(PROJECTION_SCALE_SAMPLES, len(bank))
+    _, strain, _ = make(torch.arange(count), seeds.generator(config["seed"], "projection_scale",
+                                                             device=simulator.device))
+    with torch.no_grad():
+        scale = model.embedding.project(strain).std(0).clamp_min(1e-3)
+        model.embedding.projection_scale.copy_(scale)
+    return model
+
+
+def load_model(path, device="cpu"):
+    """(PosteriorModel, the model file's dict) from a stage model or checkpoint."""
+    state = checkpoints.load(path)
+    model = PosteriorModel(state["architecture"])
+    model.load_state_dict(state["model"])
+    return model.to(device), state
+
+
+def make_optimizer(model, settings, epochs):
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=settings["optimizer"]["learning_rate"])
+    if settings["scheduler"]["type"] == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+    return optimizer, scheduler
+
+
+def train_stage(config, stage, inputs, outputs, checkpoint_dir, threads=1):
+    """Train stage `stage` (e.g. "stage_1") and write its model file and history.
+
+    inputs: dict with training_files, validation_files, trafo, svd (list, one per
+    detector), fiducial_asd, asd_set, previous_model (None for the first stage).
+    outputs: dict with model, history."""
+    torch.set_num_threads(threads)
+    local = config["local"]
+    settings = config["training"][stage]
+    device = torch.device(local["device"])
+    simulator = make_simulator(config, inputs["training_files"][0], inputs["fiducial_asd"], inputs["asd_set"], device,
+                               config["model"]["num_asd_bands"])
+    trafo = Trafo.load(inputs["trafo"])
+    names = intrinsic_names(config)
+    bank = EventBank(*read_events(inputs["training_files"], names, SIGNAL_DATASETS), device)
+    validation = EventBank(*read_events(inputs["validation_files"], names, SIGNAL_DATASETS), device)
+    if inputs["previous_model"] is None:
+        model = new_model(config, simulator, trafo, inputs["svd"], bank)
+    else:
+        model, _ = load_model(inputs["previous_model"], device)
+    model.embedding.freeze_svd(settings["freeze_svd"])
+    optimizer, scheduler = make_optimizer(model, settings, settings["epochs"])
+    train_batch, valid_batch = (batch_maker(b, simulator, trafo, settings["asd"]) for b in (bank, validation))
+
+    def train_batches(epoch):
+        generator = seeds.generator(config["seed"], stage, "epoch", epoch, device=device)
+        for index in bank.batches(settings["batch_size"], generator):
+            yield train_batch(index, generator)
+
+    def validation_batches():
+        generator = seeds.generator(config["seed"], stage, "validation", device=device)
+        for index in torch.split(torch.arange(len(validation), device=device), settings["batch_size"]):
+            yield valid_batch(index, generator)
+
+    model_settings = stage_settings(config, stage)
+    input_files = [inputs["trafo"], *inputs["svd"]] + ([inputs["previous_model"]] if inputs["previous_model"] else [])
+    stage_fingerprint = fingerprint(model_settings, input_files)
+    metadata = dict(stage=stage, settings=model_settings, architecture=model.architecture, provenance=provenance())
+    limits = local["runtime_limits"]
+    history = run_stage(
+        model, optimizer, scheduler, train_batches, validation_batches, settings["epochs"], checkpoint_dir,
+        stage_fingerprint, metadata, local["checkpoint_epochs"],
+        limits["max_epochs_per_run"], limits["max_time_per_run"],
+    )
+    write_text(outputs["history"], pd.DataFrame(history).to_csv(index=False))
+    final = dict(metadata, fingerprint=stage_fingerprint, epoch=history[-1]["epoch"], history=history,
+                 model=model.state_dict())
+    with atomic_path(outputs["model"]) as tmp:
+        torch.save(final, tmp)
+    log.info("stage %s done: %s", stage, outputs["model"])

@@ -1,0 +1,39 @@
+from pathlib import Path
+
+from stagewise import config as settings
+from stagewise.problem import check_inference_parameters
+
+RUN = Path("results") / config["run"]
+STAGES = sorted(config["training"], key=lambda name: int(name.split("_")[1]))
+SPLITS = ("training", "trafo", "validation", "test")
+
+check_inference_parameters(config)
+
+
+def split_files(split):
+    """Event files of a split: the simulated ones, or the config's glob or list."""
+    data = config["data"]
+    if data["simulate"]:
+        simulated = "training" if split == "trafo" else split
+        count = config["simulation"]["num_files"][simulated]
+        return [str(RUN / "data" / f"{simulated}_{i:02d}.h5") for i in range(count)]
+    key = f"{split}_data_file"
+    if split == "trafo" and data[key] is None:
+        key = "training_data_file"
+    return settings.resolve_files(data[key], key)
+
+
+def asd_file(kind):
+    """The fiducial ASD file or the ASD-set file."""
+    if config["data"]["simulate"]:
+        return str(RUN / "data" / f"{kind}.h5")
+    key = f"{kind}_file"
+    return settings.resolve_files([config["data"][key]] if config["data"][key] else None, key)[0]
+
+
+def stage_dir(stage):
+    return RUN / stage
+
+
+def log_file(name):
+    return str(RUN / "logs" / f"{name}.log")

@@ -1,0 +1,28 @@
+# One rule per stage of config["training"]: train_stage_0, train_stage_1, ...
+# Checkpoints live in results/<run>/checkpoints/<stage>/, outside the declared
+# outputs, so Snakemake never deletes them when a job fails.
+for index, stage in enumerate(STAGES):
+
+    rule:
+        name:
+            f"train_{stage}"
+        input:
+            trafo=rules.fit_trafo.output[0],
+            svd=rules.build_svd.output,
+            training=split_files("training"),
+            validation=split_files("validation"),
+            fiducial_asd=asd_file("fiducial_asd"),
+            asd_set=asd_file("asd_set"),
+            previous=[stage_dir(STAGES[index - 1]) / f"model_{STAGES[index - 1]}.pt"] if index else [],
+        output:
+            model=stage_dir(stage) / f"model_{stage}.pt",
+            history=stage_dir(stage) / "history.csv",
+        log:
+            log_file(f"train_{stage}"),
+        params:
+            settings=settings.stage_settings(config, stage),
+            stage=stage,
+            checkpoint_dir=RUN / "checkpoints" / stage,
+        threads: workflow.cores
+        script:
+            "../scripts/train_stage.py"

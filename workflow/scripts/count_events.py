@@ -1,0 +1,8 @@
+"""Snakemake adapter: count the events of every split."""
+
+from stagewise.logs import log_to_file
+from stagewise.steps import count_events_step
+
+log_to_file(snakemake.log[0])
+splits = {split: list(snakemake.input[split]) for split in ("training", "trafo", "validation", "test")}
+count_events_step(splits, snakemake.output[0])

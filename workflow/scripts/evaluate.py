@@ -1,0 +1,15 @@
+"""Snakemake adapter: evaluate the last stage's model."""
+
+from pathlib import Path
+
+from stagewise.evaluate.run import evaluate
+from stagewise.logs import log_to_file
+
+log_to_file(snakemake.log[0])
+config = {**snakemake.params.settings, "local": snakemake.config["local"]}
+inputs = dict(
+    model=snakemake.input.model, histories=dict(zip(snakemake.params.stages, snakemake.input.histories)),
+    trafo=snakemake.input.trafo, test_files=list(snakemake.input.test),
+    fiducial_asd=snakemake.input.fiducial_asd, asd_set=snakemake.input.asd_set,
+)
+evaluate(config, inputs, Path(snakemake.output.metrics).parent, snakemake.threads)

@@ -1,0 +1,20 @@
+"""Snakemake adapter: train one stage (resuming from its checkpoints)."""
+
+import sys
+
+from stagewise.logs import log_to_file
+from stagewise.training.runner import RuntimeLimitReached
+from stagewise.training.stage import train_stage
+
+log_to_file(snakemake.log[0])
+config = {**snakemake.params.settings, "local": snakemake.config["local"]}
+inputs = dict(
+    training_files=list(snakemake.input.training), validation_files=list(snakemake.input.validation),
+    trafo=snakemake.input.trafo, svd=list(snakemake.input.svd), fiducial_asd=snakemake.input.fiducial_asd,
+    asd_set=snakemake.input.asd_set, previous_model=snakemake.input.previous[0] if snakemake.input.previous else None,
+)
+try:
+    train_stage(config, snakemake.params.stage, inputs, dict(snakemake.output.items()),
+                snakemake.params.checkpoint_dir, snakemake.threads)
+except RuntimeLimitReached as stop:
+    sys.exit(stop.exit_code)
