@@ -5,6 +5,18 @@ import hashlib
 import json
 from pathlib import Path
 
+import jsonschema
+import yaml
+
+
+def validate(config, schema_path):
+    """Raise ValueError with one line naming the offending key when `config` breaks the schema."""
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(config))
+    if error is not None:
+        key = ".".join(str(part) for part in error.absolute_path) or "(top level)"
+        raise ValueError(f"config key {key}: {error.message} (schema {schema_path})")
+
 
 def canonical_json(settings):
     """JSON text of `settings` with sorted keys, the same for equal settings."""

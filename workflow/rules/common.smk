@@ -1,11 +1,25 @@
+import os
+import sys
 from pathlib import Path
+
+# The stagewise package of this checkout, for this process and for every job
+# (also inside conda environments, which do not install it).
+SRC = str(Path(workflow.basedir) / "src")
+sys.path.insert(0, SRC)
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))
+)
 
 from stagewise import config as settings
 from stagewise.problem import check_inference_parameters
 
+settings.validate(
+    config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
+)
 RUN = Path("results") / config["run"]
 STAGES = sorted(config["training"], key=lambda name: int(name.split("_")[1]))
 SPLITS = ("training", "trafo", "validation", "test")
+ENV = "../../envs/stagewise.yaml"
 
 check_inference_parameters(config)
 
@@ -28,7 +42,9 @@ def asd_file(kind):
     if config["data"]["simulate"]:
         return str(RUN / "data" / f"{kind}.h5")
     key = f"{kind}_file"
-    return settings.resolve_files([config["data"][key]] if config["data"][key] else None, key)[0]
+    return settings.resolve_files(
+        [config["data"][key]] if config["data"][key] else None, key
+    )[0]
 
 
 def stage_dir(stage):

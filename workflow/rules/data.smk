@@ -11,6 +11,8 @@ if config["data"]["simulate"]:
             asd_set=asd_file("asd_set"),
         log:
             log_file("simulate"),
+        conda:
+            ENV
         params:
             settings=settings.simulation_settings(config),
         script:
@@ -24,5 +26,7 @@ rule count_events:
         RUN / "counts.yaml",
     log:
         log_file("count_events"),
+    conda:
+        ENV
     script:
         "../scripts/count_events.py"

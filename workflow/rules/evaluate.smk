@@ -13,9 +13,11 @@ rule evaluate:
         posteriors=RUN / "evaluation" / "posteriors.png",
     log:
         log_file("evaluate"),
+    conda:
+        ENV
+    threads: workflow.cores
     params:
         settings=settings.evaluation_settings(config),
         stages=STAGES,
-    threads: workflow.cores
     script:
         "../scripts/evaluate.py"

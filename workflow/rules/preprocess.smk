@@ -7,6 +7,8 @@ rule fit_trafo:
         RUN / "trafo.h5",
     log:
         log_file("fit_trafo"),
+    conda:
+        ENV
     params:
         settings=settings.trafo_settings(config),
     script:
@@ -22,6 +24,8 @@ rule build_svd:
         **{detector: RUN / f"svd_{detector}.h5" for detector in config["detectors"]},
     log:
         log_file("build_svd"),
+    conda:
+        ENV
     params:
         settings=settings.svd_settings(config),
     script:

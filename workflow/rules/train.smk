@@ -13,16 +13,22 @@ for index, stage in enumerate(STAGES):
             validation=split_files("validation"),
             fiducial_asd=asd_file("fiducial_asd"),
             asd_set=asd_file("asd_set"),
-            previous=[stage_dir(STAGES[index - 1]) / f"model_{STAGES[index - 1]}.pt"] if index else [],
+            previous=(
+                [stage_dir(STAGES[index - 1]) / f"model_{STAGES[index - 1]}.pt"]
+                if index
+                else []
+            ),
         output:
             model=stage_dir(stage) / f"model_{stage}.pt",
             history=stage_dir(stage) / "history.csv",
         log:
             log_file(f"train_{stage}"),
+        conda:
+            ENV
+        threads: workflow.cores
         params:
             settings=settings.stage_settings(config, stage),
             stage=stage,
             checkpoint_dir=RUN / "checkpoints" / stage,
-        threads: workflow.cores
         script:
             "../scripts/train_stage.py"

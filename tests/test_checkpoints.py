@@ -1,0 +1,160 @@
+"""Resumable training: a stage stopped and resumed, or resumed past a damaged checkpoint, ends
+bit for bit where an uninterrupted run ends; checkpoints of other settings are moved aside."""
+
+import logging
+
+import pytest
+import torch
+
+from stagewise.files import atomic_path
+from stagewise.training import checkpoints
+from stagewise.training.runner import RuntimeLimitReached, run_stage
+
+EPOCHS = 6
+
+
+class TinyModel(torch.nn.Linear):
+    """y = W x + b with a mean-squared-error loss."""
+
+    def __init__(self):
+        super().__init__(3, 1)
+
+    def loss(self, x, y):
+        return (self(x) - y).square().mean()
+
+
+def batches(generator, num_batches=4, batch_size=8):
+    """Batches of a noisy linear relation drawn from `generator`."""
+    for _ in range(num_batches):
+        x = torch.randn(batch_size, 3, generator=generator)
+        y = x @ torch.tensor([[1.0], [-2.0], [0.5]]) + 0.1 * torch.randn(batch_size, 1, generator=generator)
+        yield x, y
+
+
+def train_batches(epoch):
+    return batches(torch.Generator().manual_seed(1000 + epoch))
+
+
+def validation_batches():
+    return batches(torch.Generator().manual_seed(1), num_batches=2)
+
+
+def train(checkpoint_dir, fingerprint="settings-a", epochs=EPOCHS, max_epochs_per_run=None, checkpoint_epochs=2):
+    """One process's run of the stage: model, optimizer and scheduler built afresh, then run_stage."""
+    torch.manual_seed(0)
+    model = TinyModel()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    history = run_stage(model, optimizer, scheduler, train_batches, validation_batches, epochs, checkpoint_dir,
+                        fingerprint, {"stage": "stage_0"}, checkpoint_epochs, max_epochs_per_run)
+    return model, history
+
+
+def without_times(history):
+    return [{k: v for k, v in entry.items() if not k.startswith("time_")} for entry in history]
+
+
+def assert_same_weights(model, reference):
+    state, expected = model.state_dict(), reference.state_dict()
+    assert state.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(state[key], expected[key]), key
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The model and history of the stage run in one go."""
+    return train(tmp_path_factory.mktemp("uninterrupted") / "checkpoints")
+
+
+def test_stage_stopped_every_two_epochs_and_resumed_ends_like_an_uninterrupted_run(tmp_path, uninterrupted):
+    reference, reference_history = uninterrupted
+    stops = 0
+    for _ in range(EPOCHS):  # bounded: a run that never resumed would stop after epoch 2 forever
+        try:
+            model, history = train(tmp_path / "checkpoints", max_epochs_per_run=2)
+            break
+        except RuntimeLimitReached:
+            stops += 1
+
+    assert stops == 2
+    assert_same_weights(model, reference)
+    assert without_times(history) == without_times(reference_history)
+    assert [entry["epoch"] for entry in history] == list(range(1, EPOCHS + 1))
+
+
+def test_damaged_latest_checkpoint_resumes_from_the_newest_periodic_one(tmp_path, uninterrupted, caplog):
+    reference, reference_history = uninterrupted
+    folder = tmp_path / "checkpoints"
+    with pytest.raises(RuntimeLimitReached):
+        train(folder, max_epochs_per_run=3)  # stops after epoch 3; model_2.pt is the newest periodic checkpoint
+    latest = folder / checkpoints.LATEST
+    latest.write_bytes(latest.read_bytes()[:200])
+
+    with caplog.at_level(logging.INFO, logger="stagewise"):
+        model, history = train(folder)
+
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("skipping damaged checkpoint" in w and str(latest) in w for w in warnings)
+    assert any("resuming" in r.getMessage() and "epoch 2" in r.getMessage() for r in caplog.records)
+    assert_same_weights(model, reference)
+    assert without_times(history) == without_times(reference_history)
+
+
+def test_latest_valid_skips_garbage_bytes_and_returns_the_newest_periodic_checkpoint(tmp_path):
+    train(tmp_path, epochs=4)
+    (tmp_path / checkpoints.LATEST).write_bytes(b"\x00garbage" * 100)
+
+    state = checkpoints.latest_valid(tmp_path)
+
+    assert state["epoch"] == 4
+    assert (tmp_path / "model_4.pt").exists() and (tmp_path / "model_2.pt").exists()
+
+
+def test_checkpoints_of_another_fingerprint_are_moved_aside_and_training_starts_afresh(tmp_path, caplog):
+    folder = tmp_path / "checkpoints"
+    train(folder, fingerprint="settings-a", epochs=2)
+    fresh, _ = train(tmp_path / "fresh", fingerprint="settings-b", epochs=3)
+
+    with caplog.at_level(logging.WARNING, logger="stagewise"):
+        model, history = train(folder, fingerprint="settings-b", epochs=3)
+
+    aside = tmp_path / "checkpoints.settings-a"
+    assert checkpoints.load(aside / checkpoints.LATEST)["fingerprint"] == "settings-a"
+    assert checkpoints.load(folder / checkpoints.LATEST)["fingerprint"] == "settings-b"
+    assert [entry["epoch"] for entry in history] == [1, 2, 3]
+    assert_same_weights(model, fresh)
+    assert any(str(aside) in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+def test_load_names_the_file_of_an_unreadable_checkpoint(tmp_path):
+    path = tmp_path / "model_latest.pt"
+    path.write_bytes(b"not a checkpoint")
+
+    with pytest.raises(ValueError) as error:
+        checkpoints.load(path)
+
+    assert str(path) in str(error.value)
+
+
+def test_atomic_path_leaves_no_temporary_file_and_the_old_file_when_the_block_raises(tmp_path):
+    path = tmp_path / "history.csv"
+    path.write_text("old\n")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        with atomic_path(path) as tmp:
+            tmp.write_text("new\n")
+            raise RuntimeError("killed")
+
+    assert list(tmp_path.iterdir()) == [path]
+    assert path.read_text() == "old\n"
+
+
+def test_atomic_path_replaces_the_file_when_the_block_succeeds(tmp_path):
+    path = tmp_path / "sub" / "history.csv"
+
+    with atomic_path(path) as tmp:
+        tmp.write_text("new\n")
+
+    assert list(path.parent.iterdir()) == [path]
+    assert path.read_text() == "new\n"

@@ -1,0 +1,118 @@
+"""The Snakemake side, with real Snakemake runs of the tiny config in temporary folders."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, copy_workflow, planned_jobs, snakemake
+
+ALL_RULES = {"simulate", "count_events", "fit_trafo", "build_svd", "train_stage_0", "train_stage_1", "evaluate", "all"}
+
+
+def test_dry_run_lists_every_step_of_the_dag(tmp_path):
+    result = snakemake(copy_workflow(tmp_path), "-n")
+    assert planned_jobs(result.output) == ALL_RULES
+
+
+def test_dag_renders_as_svg(tmp_path):
+    if shutil.which("dot") is None:
+        pytest.skip("graphviz 'dot' is not installed (apt-get install graphviz)")
+    dag = snakemake(copy_workflow(tmp_path), "--dag").stdout
+    svg = subprocess.run(["dot", "-Tsvg"], input=dag, capture_output=True, text=True, check=True).stdout
+    for rule in ALL_RULES - {"all"}:
+        assert rule in svg
+
+
+def test_partial_target_builds_only_what_stage_1_needs(tiny_run):
+    _, first, second, evaluation_after_first = tiny_run
+    assert first == ALL_RULES - {"evaluate", "all"}
+    assert not evaluation_after_first
+    assert second == {"evaluate", "all"}
+
+
+def test_full_run_writes_every_documented_output(tiny_run):
+    workdir = tiny_run[0]
+    run = workdir / "results" / "tiny"
+    for path in ["counts.yaml", "trafo.h5", "svd_H1.h5", "svd_L1.h5", "evaluation/loss_curves.png",
+                 "evaluation/pp_plot.png", "evaluation/posteriors.png"]:
+        assert (run / path).stat().st_size > 0, path
+    for stage in ("stage_0", "stage_1"):
+        assert (run / stage / f"model_{stage}.pt").exists()
+        assert (run / stage / "history.csv").read_text().count("\n") == 3  # header + 2 epochs
+        assert (run / "checkpoints" / stage / "model_latest.pt").exists()
+        assert (run / "checkpoints" / stage / "model_2.pt").exists()
+    metrics = json.loads((run / "evaluation" / "metrics.json").read_text())
+    assert set(metrics["pp_ks_pvalue"]) == {"f0", "tau", "snr"}
+    assert all(0 <= p <= 1 for p in metrics["pp_ks_pvalue"].values())
+    for rule in ALL_RULES - {"all"}:
+        assert (run / "logs" / f"{rule}.log").stat().st_size > 0, rule
+
+
+def test_nothing_is_planned_after_a_full_run(tiny_run):
+    assert planned_jobs(snakemake(tiny_run[0], "-n").output) == set()
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"training": {"stage_1": {"optimizer": {"learning_rate": 0.005}}}}, {"train_stage_1", "evaluate"}),
+        ({"training": {"stage_0": {"epochs": 3}}}, {"train_stage_0", "train_stage_1", "evaluate"}),
+        ({"svd": {"size": 8}}, {"build_svd", "train_stage_0", "train_stage_1", "evaluate"}),
+        ({"trafo": {"log_labels": []}}, {"fit_trafo", "build_svd", "train_stage_0", "train_stage_1", "evaluate"}),
+        ({"evaluation": {"num_samples": 100}}, {"evaluate"}),
+        ({"local": {"device": "cuda"}}, set()),
+        ({"local": {"num_workers": 4}}, set()),
+        ({"local": {"checkpoint_epochs": 7}}, set()),
+    ],
+    ids=["stage_1 lr", "stage_0 epochs", "svd size", "trafo log", "evaluation", "device", "workers", "checkpoints"],
+)
+def test_a_config_change_plans_exactly_the_steps_it_touches(tiny_run, overrides, expected):
+    planned = planned_jobs(snakemake(tiny_run[0], "-n", overrides=overrides).output)
+    assert planned == (expected | {"all"} if expected else set())
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"svd": {"sise": 8}}, "config key svd: Additional properties are not allowed ('sise' was unexpected)"),
+        ({"training": {"stage_1": {"optimiser": {}}}}, "config key training.stage_1: Additional properties"),
+        ({"svd": {"size": "big"}}, "config key svd.size: 'big' is not of type 'integer'"),
+        ({"extrinsic_prior": {"snr": {"distribution": "gaussian"}}}, "config key extrinsic_prior.snr.distribution"),
+        ({"inference_parameters": ["f0", "mass"]}, "inference_parameters: 'mass' is in neither"),
+        ({"data": {"simulate": False, "training_data_file": "nowhere/*.h5"}},
+         "data.training_data_file: the pattern 'nowhere/*.h5' matches no file"),
+    ],
+    ids=["unknown key", "unknown nested key", "wrong type", "unknown distribution", "unknown parameter", "empty glob"],
+)
+def test_an_invalid_config_stops_the_run_naming_the_key(tmp_path, overrides, message):
+    result = snakemake(copy_workflow(tmp_path), "-n", overrides=overrides, check=False)
+    assert result.returncode != 0
+    assert message in result.output
+
+
+def test_rerunning_after_runtime_limits_resumes_to_the_same_model(tiny_run, tmp_path):
+    """Each job stops after one epoch (exit 75, a failed attempt); reruns resume from model_latest.pt."""
+    workdir = copy_workflow(tmp_path)
+    limited = {"local": {"runtime_limits": {"max_epochs_per_run": 1}}}
+    attempts = 0
+    while snakemake(workdir, overrides=limited, check=False).returncode != 0:
+        attempts += 1
+        assert attempts <= 3, "the runs made no progress"
+    assert attempts == 2  # stage_0 and stage_1 each stopped once after epoch 1
+    reference = torch.load(tiny_run[0] / "results/tiny/stage_1/model_stage_1.pt", weights_only=False)
+    resumed = torch.load(workdir / "results/tiny/stage_1/model_stage_1.pt", weights_only=False)
+    for name, tensor in reference["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    assert [row["epoch"] for row in resumed["history"]] == [1, 2]
+
+
+def test_workflow_passes_snakemake_lint_and_snakefmt():
+    lint = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True,
+                          env={"CONDOR_CONFIG": "/dev/null", "PATH": "/usr/bin:/bin"})
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    fmt = subprocess.run([sys.executable, "-m", "snakefmt", "--check", "."], cwd=REPO, capture_output=True, text=True)
+    assert fmt.returncode == 0, fmt.stdout + fmt.stderr
