@@ -21,7 +21,8 @@ $(VENV)/.installed: pyproject.toml
 
 run: setup
 	CONDOR_CONFIG=/dev/null $(BIN)/snakemake --cores $(CORES)
-	@echo "Evaluation: results/$(RUN)/evaluation/metrics.json and results/$(RUN)/evaluation/*.png"
+	CONDOR_CONFIG=/dev/null $(BIN)/snakemake --report results/$(RUN)/report.html
+	@echo "Report: $(CURDIR)/results/$(RUN)/report.html (metrics: results/$(RUN)/evaluation/metrics.json)"
 
 test: setup
 	CONDOR_CONFIG=/dev/null $(BIN)/python -m pytest

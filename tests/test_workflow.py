@@ -65,10 +65,10 @@ def test_nothing_is_planned_after_a_full_run(tiny_run):
         ({"trafo": {"log_labels": []}}, {"fit_trafo", "build_svd", "train_stage_0", "train_stage_1", "evaluate"}),
         ({"evaluation": {"num_samples": 100}}, {"evaluate"}),
         ({"local": {"device": "cuda"}}, set()),
-        ({"local": {"num_workers": 4}}, set()),
+        ({"local": {"threads": 1}}, set()),
         ({"local": {"checkpoint_epochs": 7}}, set()),
     ],
-    ids=["stage_1 lr", "stage_0 epochs", "svd size", "trafo log", "evaluation", "device", "workers", "checkpoints"],
+    ids=["stage_1 lr", "stage_0 epochs", "svd size", "trafo log", "evaluation", "device", "threads", "checkpoints"],
 )
 def test_a_config_change_plans_exactly_the_steps_it_touches(tiny_run, overrides, expected):
     planned = planned_jobs(snakemake(tiny_run[0], "-n", overrides=overrides).output)

@@ -8,14 +8,26 @@ rule evaluate:
         asd_set=asd_file("asd_set"),
     output:
         metrics=RUN / "evaluation" / "metrics.json",
-        loss_curves=RUN / "evaluation" / "loss_curves.png",
-        pp_plot=RUN / "evaluation" / "pp_plot.png",
-        posteriors=RUN / "evaluation" / "posteriors.png",
+        loss_curves=report(
+            RUN / "evaluation" / "loss_curves.png",
+            caption="../report/loss_curves.rst",
+            category="Evaluation",
+        ),
+        pp_plot=report(
+            RUN / "evaluation" / "pp_plot.png",
+            caption="../report/pp_plot.rst",
+            category="Evaluation",
+        ),
+        posteriors=report(
+            RUN / "evaluation" / "posteriors.png",
+            caption="../report/posteriors.rst",
+            category="Evaluation",
+        ),
     log:
         log_file("evaluate"),
     conda:
         ENV
-    threads: workflow.cores
+    threads: config["local"]["threads"]
     params:
         settings=settings.evaluation_settings(config),
         stages=STAGES,

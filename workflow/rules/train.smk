@@ -25,7 +25,7 @@ for index, stage in enumerate(STAGES):
             log_file(f"train_{stage}"),
         conda:
             ENV
-        threads: workflow.cores
+        threads: config["local"]["threads"]
         params:
             settings=settings.stage_settings(config, stage),
             stage=stage,
