@@ -135,6 +135,23 @@ def test_project_at_phase_and_time_zero_is_the_antenna_weighted_sum():
         torch.testing.assert_close(strain[:, d], expected, rtol=1e-12, atol=0.0)
 
 
+def test_project_with_phase_gives_the_transform_of_the_phase_shifted_ringdown():
+    detectors = Detectors({name: dict(spec, time_offset=0.0) for name, spec in DETECTORS.items()})
+    frequencies = frequency_grid(20.0, 512.0, 8.0)
+    f0, tau, phase = (torch.tensor([value], dtype=torch.float64) for value in (120.0, 0.02, 0.8))
+    h_plus, h_cross = ringdown_polarisations(f0, tau, frequencies)
+
+    strain = detectors.project(h_plus, h_cross, phase, torch.zeros(1, dtype=torch.float64), frequencies)
+
+    # exp(-t / tau) cos(2 pi f0 t + phase) and sin(...), Fourier transformed by hand
+    below = torch.exp(1j * phase) / (1 / tau + 2j * math.pi * (frequencies - f0))
+    above = torch.exp(-1j * phase) / (1 / tau + 2j * math.pi * (frequencies + f0))
+    plus, cross = 0.5 * (below + above), (below - above) / 2j
+    for d, spec in enumerate(DETECTORS.values()):
+        expected = spec["antenna_plus"] * plus + spec["antenna_cross"] * cross
+        torch.testing.assert_close(strain[0, d], expected, rtol=1e-10, atol=0.0)
+
+
 def test_project_with_time_shift_multiplies_by_the_fourier_phase_factor():
     detectors = Detectors(DETECTORS)
     frequencies = frequency_grid(20.0, 512.0, 8.0)
@@ -234,7 +251,8 @@ def test_log_likelihood_is_larger_at_the_truth_than_far_away():
     simulator = small_simulator()
     parameters = truth()
     data = whitened_data(simulator, parameters, generator(12))
-    far = dict(parameters, f0=torch.tensor([200.0], dtype=torch.float64), tau=torch.tensor([0.05], dtype=torch.float64))
+    far = dict(parameters, f0=torch.tensor([200.0], dtype=torch.float64),
+               tau=torch.tensor([0.05], dtype=torch.float64))
     points = {name: torch.cat([parameters[name], far[name]]) for name in parameters}
 
     at_truth, far_away = log_likelihood(data, points, simulator, simulator.fiducial_asd)

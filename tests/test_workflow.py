@@ -85,8 +85,13 @@ def test_a_config_change_plans_exactly_the_steps_it_touches(tiny_run, overrides,
         ({"inference_parameters": ["f0", "mass"]}, "inference_parameters: 'mass' is in neither"),
         ({"data": {"simulate": False, "training_data_file": "nowhere/*.h5"}},
          "data.training_data_file: the pattern 'nowhere/*.h5' matches no file"),
+        ({"data": {"simulate": False, "training_data_file": "config/config.yaml", "fiducial_asd_file": "x.h5"}},
+         "data.fiducial_asd_file: file not found: x.h5"),
+        ({"simulation": {"asd": {"levels": [1.0]}}}, "simulation.asd.levels: 1 level(s) for 2 detectors"),
+        ({"intrinsic_prior": {"f0": {"low": 300.0}}}, "prior f0: low (300.0) must be below high (250.0)"),
     ],
-    ids=["unknown key", "unknown nested key", "wrong type", "unknown distribution", "unknown parameter", "empty glob"],
+    ids=["unknown key", "unknown nested key", "wrong type", "unknown distribution", "unknown parameter", "empty glob",
+         "missing asd file", "levels per detector", "prior bounds"],
 )
 def test_an_invalid_config_stops_the_run_naming_the_key(tmp_path, overrides, message):
     result = snakemake(copy_workflow(tmp_path), "-n", overrides=overrides, check=False)

@@ -84,6 +84,15 @@ def evaluation_settings(config):
     return _pick(config, (*PROBLEM_KEYS, "intrinsic_prior", "model", "training", "evaluation"))
 
 
+def resolve_file(path, key):
+    """`path` checked to be an existing file; an error names the config key `key` otherwise."""
+    if path is None:
+        raise ValueError(f"data.{key}: no file given (the path of one HDF5 file)")
+    if not Path(path).is_file():
+        raise ValueError(f"data.{key}: file not found: {path}")
+    return str(path)
+
+
 def resolve_files(spec, key):
     """A sorted list of paths from a glob pattern or a list; an empty result is an error naming `key`."""
     if spec is None:

@@ -81,7 +81,25 @@ class EventBank:
         """(h_plus, h_cross, labels) of the events at `index`."""
         return self.h_plus[index], self.h_cross[index], {k: v[index] for k, v in self.labels.items()}
 
+    def epoch(self, batch_size, generator, make_batch):
+        """The batches of one epoch in the random order of `generator`: a sized iterable of make_batch(index, generator)."""
+        return EpochBatches(self.batches(batch_size, generator), make_batch, generator)
+
     def batches(self, batch_size, generator):
         """Index tensors of one epoch in the random order of `generator` (the last may be short)."""
         order = torch.randperm(len(self), generator=generator, device=generator.device).to(self.h_plus.device)
         return torch.split(order, batch_size)
+
+
+class EpochBatches:
+    """Batches made lazily from index tensors, with a length (for progress bars)."""
+
+    def __init__(self, indices, make_batch, generator):
+        self.indices, self.make_batch, self.generator = indices, make_batch, generator
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __iter__(self):
+        for index in self.indices:
+            yield self.make_batch(index, self.generator)

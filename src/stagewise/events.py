@@ -117,9 +117,10 @@ def read_events(paths, labels, data_keys, limit=None):
         if remaining <= 0:
             break
         with _open(path) as f:
-            for name in labels:
-                if name not in f.get("labels", {}):
-                    raise EventFileError(f"{path}: missing dataset '/labels/{name}'")
+            for group, names in (("labels", labels), ("data", data_keys)):
+                for name in names:
+                    if name not in f.get(group, {}):
+                        raise EventFileError(f"{path}: missing dataset '/{group}/{name}'")
             n = int(min(f["data"][data_keys[0]].shape[0], remaining))
             for name in labels:
                 out_labels[name].append(f["labels"][name][:n])
@@ -137,6 +138,8 @@ def iter_chunks(paths, labels, data_keys, chunk_size, num_chunks):
     Each chunk is (labels dict, data dict) of numpy arrays; only one chunk (plus one
     block of the current file) is in memory at a time. Raises EventFileError when the
     files hold fewer than chunk_size * num_chunks events."""
+    if not paths:
+        raise EventFileError("no event files given")
     needed = chunk_size * num_chunks
     available = sum(count_events(p) for p in paths)
     if available < needed:

@@ -17,9 +17,9 @@ class Prior:
         else:
             self.low, self.high = float(spec["low"]), float(spec["high"])
             if not self.low < self.high:
-                raise ValueError(f"prior '{name}': low ({self.low}) must be below high ({self.high})")
+                raise ValueError(f"prior {name}: low ({self.low}) must be below high ({self.high})")
             if self.distribution == "loguniform" and self.low <= 0:
-                raise ValueError(f"prior '{name}': loguniform needs low > 0, got {self.low}")
+                raise ValueError(f"prior {name}: loguniform needs low > 0, got {self.low}")
 
     def sample(self, n, generator):
         """n float64 draws."""

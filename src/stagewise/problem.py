@@ -26,9 +26,11 @@ def make_simulator(config, event_file, fiducial_asd_file, asd_set_file=None, dev
                            num_asd_bands, torch.device(device))
 
 
-def check_inference_parameters(config):
-    """Each inference parameter has a prior, log labels are inference parameters, stages are numbered 0, 1, ..."""
+def check_config(config):
+    """What the schema cannot say: priors are valid, each inference parameter has one, log labels
+    are inference parameters, stages are numbered 0, 1, ..., the simulation fits the detectors."""
     known = {**config["intrinsic_prior"], **config["extrinsic_prior"]}
+    make_priors(known)
     for name in config["inference_parameters"]:
         if name not in known:
             raise ValueError(f"inference_parameters: '{name}' is in neither intrinsic_prior nor extrinsic_prior")
@@ -40,3 +42,13 @@ def check_inference_parameters(config):
     expected = [f"stage_{i}" for i in range(len(config["training"]))]
     if sorted(config["training"], key=lambda s: int(s.split("_")[1])) != expected:
         raise ValueError(f"training: stages must be named {', '.join(expected)}; found {', '.join(config['training'])}")
+    if config["data"]["simulate"]:
+        simulation = config["simulation"]
+        levels, detectors = simulation["asd"]["levels"], list(config["detectors"])
+        if len(levels) != len(detectors):
+            raise ValueError(f"simulation.asd.levels: {len(levels)} level(s) for {len(detectors)} detectors {detectors}")
+        if simulation["frequencies"]["f_max"] <= simulation["frequencies"]["f_min"]:
+            raise ValueError("simulation.frequencies: f_max must be above f_min")
+        missing = {"f0", "tau"} - set(config["intrinsic_prior"])
+        if missing:
+            raise ValueError(f"intrinsic_prior: the simulated ringdowns need priors for {sorted(missing)}")

@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import torch
 
+from . import seeds
 from .files import atomic_path
 from .priors import sample_priors
 from .provenance import provenance
@@ -55,7 +56,7 @@ def build_svd(simulator, trafo, h_plus, h_cross, size, num_training, seed):
     """Per-detector bases and mismatch tables: {detector: (basis (2F, K), singular values, table)}.
 
     The first `num_training` events fit the basis, the rest measure its mismatch."""
-    generator = torch.Generator(simulator.device).manual_seed(seed)
+    generator = seeds.generator(seed, "build_svd", device=simulator.device)
     vectors = whitened_signal_vectors(simulator, trafo, h_plus, h_cross, generator).cpu()
     results = {}
     for d, name in enumerate(simulator.detectors.names):

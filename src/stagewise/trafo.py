@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import seeds
 from .events import SIGNAL_DATASETS, iter_chunks
 from .files import atomic_path
 from .provenance import provenance
@@ -84,7 +85,7 @@ def fit_trafo(paths, intrinsic_names, simulator, parameters, log_labels, num_bat
     unknown = [p for p in log_labels if p not in parameters]
     if unknown:
         raise ValueError(f"trafo.log_labels: {unknown} are not inference parameters {parameters}")
-    generator = torch.Generator(simulator.device).manual_seed(seed)
+    generator = seeds.generator(seed, "fit_trafo", device=simulator.device)
     logs = torch.tensor([p in log_labels for p in parameters])
     sums = {"label": 0.0, "label_sq": 0.0, "input": 0.0, "input_sq": 0.0}
     chunks = iter_chunks(paths, intrinsic_names, SIGNAL_DATASETS, batch_size, num_batches)

@@ -11,7 +11,7 @@ os.environ.update(
 )
 
 from stagewise import config as settings
-from stagewise.problem import check_inference_parameters
+from stagewise.problem import check_config
 
 settings.validate(
     config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
@@ -21,7 +21,7 @@ STAGES = sorted(config["training"], key=lambda name: int(name.split("_")[1]))
 SPLITS = ("training", "trafo", "validation", "test")
 ENV = "../../envs/stagewise.yaml"
 
-check_inference_parameters(config)
+check_config(config)
 
 
 def split_files(split):
@@ -42,9 +42,7 @@ def asd_file(kind):
     if config["data"]["simulate"]:
         return str(RUN / "data" / f"{kind}.h5")
     key = f"{kind}_file"
-    return settings.resolve_files(
-        [config["data"][key]] if config["data"][key] else None, key
-    )[0]
+    return settings.resolve_file(config["data"][key], key)
 
 
 def stage_dir(stage):

@@ -1,6 +1,6 @@
 rule fit_trafo:
     input:
-        counts=rules.count_events.output[0],
+        counts=ancient(rules.count_events.output[0]),
         events=split_files("trafo"),
         fiducial_asd=asd_file("fiducial_asd"),
     output:

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .. import seeds
 from ..detectors import write_asd_file
 from ..events import write_event_file
 from ..priors import make_priors, sample_priors
@@ -22,7 +23,7 @@ def simulate(settings, intrinsic_prior, detector_names, seed, event_paths, fiduc
 
     event_paths: list of event-file paths (one file of `events_per_file` each);
     the ASD files hold one fiducial ASD, and `asd_set.num_asds` varied ones, per detector."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeds.generator(seed, "simulate")
     frequencies = frequency_grid(**settings["frequencies"])
     attrs = {"settings": json.dumps(settings, sort_keys=True), **provenance()}
     priors = make_priors(intrinsic_prior)

@@ -14,8 +14,9 @@ def fiducial_asd(frequencies, level):
 def varied_asds(fiducial, num_asds, level_scatter, shape_scatter, generator):
     """num_asds ASDs (num_asds, F): fiducial x a random level x smooth random bumps.
 
-    log ASD changes by N(0, level_scatter) overall and by three Gaussian bumps in
-    log-frequency with amplitudes N(0, shape_scatter)."""
+    log ASD changes by N(0, level_scatter) overall and by three Gaussian bumps (width
+    a tenth of the band, centres uniform over the frequency bins) with amplitudes
+    N(0, shape_scatter)."""
     num_bins = fiducial.shape[0]
     x = torch.linspace(0.0, 1.0, num_bins, dtype=torch.float64)
     level = level_scatter * torch.randn(num_asds, 1, generator=generator, dtype=torch.float64)

@@ -7,7 +7,7 @@ import torch
 
 from .. import seeds
 from ..config import fingerprint, stage_settings
-from ..data import EventBank
+from ..data import EpochBatches, EventBank
 from ..events import SIGNAL_DATASETS, read_events
 from ..files import atomic_path, write_text
 from ..models.posterior import PosteriorModel
@@ -101,13 +101,12 @@ def train_stage(config, stage, inputs, outputs, checkpoint_dir, threads=1):
 
     def train_batches(epoch):
         generator = seeds.generator(config["seed"], stage, "epoch", epoch, device=device)
-        for index in bank.batches(settings["batch_size"], generator):
-            yield train_batch(index, generator)
+        return bank.epoch(settings["batch_size"], generator, train_batch)
 
     def validation_batches():
         generator = seeds.generator(config["seed"], stage, "validation", device=device)
-        for index in torch.split(torch.arange(len(validation), device=device), settings["batch_size"]):
-            yield valid_batch(index, generator)
+        indices = torch.split(torch.arange(len(validation), device=device), settings["batch_size"])
+        return EpochBatches(indices, valid_batch, generator)
 
     model_settings = stage_settings(config, stage)
     input_files = [inputs["trafo"], *inputs["svd"]] + ([inputs["previous_model"]] if inputs["previous_model"] else [])
