@@ -8,7 +8,8 @@ import torch
 
 from stagewise.files import atomic_path
 from stagewise.training import checkpoints
-from stagewise.training.runner import RuntimeLimitReached, run_stage
+from stagewise.training.batches import EpochBatches
+from stagewise.training.runner import StageStopped, run_stage
 
 EPOCHS = 6
 
@@ -23,12 +24,15 @@ class TinyModel(torch.nn.Linear):
         return (self(x) - y).square().mean()
 
 
-def batches(generator, num_batches=4, batch_size=8):
-    """Batches of a noisy linear relation drawn from `generator`."""
-    for _ in range(num_batches):
-        x = torch.randn(batch_size, 3, generator=generator)
-        y = x @ torch.tensor([[1.0], [-2.0], [0.5]]) + 0.1 * torch.randn(batch_size, 1, generator=generator)
-        yield x, y
+def noisy_linear_batch(index, generator, batch_size=8):
+    """A batch of a noisy linear relation drawn from `generator` (the index only sets the count)."""
+    x = torch.randn(batch_size, 3, generator=generator)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5]]) + 0.1 * torch.randn(batch_size, 1, generator=generator)
+    return x, y
+
+
+def batches(generator, num_batches=4):
+    return EpochBatches(range(num_batches), noisy_linear_batch, generator)
 
 
 def train_batches(epoch):
@@ -74,7 +78,7 @@ def test_stage_stopped_every_two_epochs_and_resumed_ends_like_an_uninterrupted_r
         try:
             model, history = train(tmp_path / "checkpoints", max_epochs_per_run=2)
             break
-        except RuntimeLimitReached:
+        except StageStopped:
             stops += 1
 
     assert stops == 2
@@ -86,7 +90,7 @@ def test_stage_stopped_every_two_epochs_and_resumed_ends_like_an_uninterrupted_r
 def test_damaged_latest_checkpoint_resumes_from_the_newest_periodic_one(tmp_path, uninterrupted, caplog):
     reference, reference_history = uninterrupted
     folder = tmp_path / "checkpoints"
-    with pytest.raises(RuntimeLimitReached):
+    with pytest.raises(StageStopped):
         train(folder, max_epochs_per_run=3)  # stops after epoch 3; model_2.pt is the newest periodic checkpoint
     latest = folder / checkpoints.LATEST
     latest.write_bytes(latest.read_bytes()[:200])

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from stagewise.config import simulation_settings
 from stagewise.events import EventFileError, SIGNAL_DATASETS, read_events
 from stagewise.problem import make_simulator
 from stagewise.simulate.files import simulate
@@ -43,8 +44,7 @@ def simulated(tmp_path_factory):
     """Two event files of 200 events each and the fiducial ASD file, simulated once for this module."""
     folder = tmp_path_factory.mktemp("data")
     paths = [folder / f"training_{i}.h5" for i in range(2)]
-    simulate(CONFIG["simulation"], CONFIG["intrinsic_prior"], list(CONFIG["detectors"]), CONFIG["seed"], paths,
-             folder / "fiducial_asd.h5", folder / "asd_set.h5")
+    simulate(simulation_settings(CONFIG), paths, folder / "fiducial_asd.h5", folder / "asd_set.h5")
     simulator = make_simulator(CONFIG, paths[0], folder / "fiducial_asd.h5")
     return paths, simulator
 

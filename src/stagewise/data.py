@@ -12,6 +12,7 @@ import torch
 
 from .detectors import optimal_snr
 from .priors import sample_priors
+from .training.batches import EpochBatches
 
 
 def band_matrix(num_bins, num_bands):
@@ -90,16 +91,3 @@ class EventBank:
         order = torch.randperm(len(self), generator=generator, device=generator.device).to(self.h_plus.device)
         return torch.split(order, batch_size)
 
-
-class EpochBatches:
-    """Batches made lazily from index tensors, with a length (for progress bars)."""
-
-    def __init__(self, indices, make_batch, generator):
-        self.indices, self.make_batch, self.generator = indices, make_batch, generator
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __iter__(self):
-        for index in self.indices:
-            yield self.make_batch(index, self.generator)

@@ -30,5 +30,6 @@ for index, stage in enumerate(STAGES):
             settings=settings.stage_settings(config, stage),
             stage=stage,
             checkpoint_dir=RUN / "checkpoints" / stage,
+            local_settings=RUN / "local_settings.yaml",
         script:
             "../scripts/train_stage.py"

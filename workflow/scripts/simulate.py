@@ -4,8 +4,5 @@ from stagewise.logs import log_to_file
 from stagewise.simulate.files import simulate
 
 log_to_file(snakemake.log[0])
-settings = snakemake.params.settings
-simulate(
-    settings["simulation"], settings["intrinsic_prior"], list(settings["detectors"]), settings["seed"],
-    list(snakemake.output.events), snakemake.output.fiducial_asd, snakemake.output.asd_set,
-)
+simulate(snakemake.params.settings, list(snakemake.output.events), snakemake.output.fiducial_asd,
+         snakemake.output.asd_set)

@@ -2,12 +2,14 @@
 
 import sys
 
+from stagewise.files import write_yaml
 from stagewise.logs import log_to_file
-from stagewise.training.runner import RuntimeLimitReached
+from stagewise.training.runner import StageStopped
 from stagewise.training.stage import train_stage
 
 log_to_file(snakemake.log[0])
 config = {**snakemake.params.settings, "local": snakemake.config["local"]}
+write_yaml(snakemake.params.local_settings, config["local"])
 inputs = dict(
     training_files=list(snakemake.input.training), validation_files=list(snakemake.input.validation),
     trafo=snakemake.input.trafo, svd=list(snakemake.input.svd), fiducial_asd=snakemake.input.fiducial_asd,
@@ -15,6 +17,6 @@ inputs = dict(
 )
 try:
     train_stage(config, snakemake.params.stage, inputs, dict(snakemake.output.items()),
-                snakemake.params.checkpoint_dir, snakemake.threads)
-except RuntimeLimitReached as stop:
+                snakemake.params.checkpoint_dir, snakemake.threads, snakemake.config["training"])
+except StageStopped as stop:
     sys.exit(stop.exit_code)

@@ -18,15 +18,17 @@ from .ringdown import ringdown_polarisations
 log = logging.getLogger(__name__)
 
 
-def simulate(settings, intrinsic_prior, detector_names, seed, event_paths, fiducial_path, asd_set_path):
-    """Write the toy problem's files.
+def simulate(settings, event_paths, fiducial_path, asd_set_path):
+    """Write the toy problem's files; `settings` is config.simulation_settings(config).
 
     event_paths: list of event-file paths (one file of `events_per_file` each);
-    the ASD files hold one fiducial ASD, and `asd_set.num_asds` varied ones, per detector."""
-    generator = seeds.generator(seed, "simulate")
-    frequencies = frequency_grid(**settings["frequencies"])
+    the ASD files hold one fiducial ASD, and `asd.num_asds` varied ones, per detector."""
+    generator = seeds.generator(settings["seed"], "simulate")
     attrs = {"settings": json.dumps(settings, sort_keys=True), **provenance()}
-    priors = make_priors(intrinsic_prior)
+    detector_names = list(settings["detectors"])
+    priors = make_priors(settings["intrinsic_prior"])
+    settings = settings["simulation"]
+    frequencies = frequency_grid(**settings["frequencies"])
     for path in tqdm(event_paths, desc="simulate", mininterval=2):
         labels = sample_priors(priors, settings["events_per_file"], generator)
         h_plus, h_cross = ringdown_polarisations(labels["f0"], labels["tau"], frequencies)

@@ -56,6 +56,9 @@ def resume_state(directory, fingerprint):
     directory = Path(directory)
     if not directory.exists():
         return None
+    for orphan in directory.glob(".*.tmp"):
+        log.warning("removing %s, left by a write that was killed", orphan)
+        orphan.unlink()
     state = latest_valid(directory)
     if state is None:
         if any(directory.iterdir()):
@@ -75,3 +78,30 @@ def resume_state(directory, fingerprint):
         directory, state["fingerprint"], fingerprint, aside,
     )
     return None
+
+
+class StageHasBegun(ValueError):
+    """A stage that a checkpoint has already trained (or is training) cannot be replaced."""
+
+
+def append_stage(path, stage_settings, out, replace=None):
+    """Write a copy of checkpoint `path` to `out` whose planned stages gain `stage_settings`.
+
+    Appends it as the next stage_<n>, or with `replace=N` replaces the planned
+    stage_N, which must lie after the stage the checkpoint belongs to. Returns the
+    name of the stage written."""
+    state = load(path)
+    planned = dict(state.get("planned_stages") or {state["stage"]: state["settings"]["training"][state["stage"]]})
+    current = int(state["stage"].split("_")[1])
+    if replace is None:
+        name = f"stage_{max(int(s.split('_')[1]) for s in planned) + 1}"
+    else:
+        name = f"stage_{replace}"
+        if replace <= current:
+            raise StageHasBegun(f"{path}: {name} has begun (this checkpoint is {state['stage']} at epoch "
+                                f"{state['epoch']}); append a new stage instead")
+        if name not in planned:
+            raise ValueError(f"{path}: no planned {name} to replace (planned: {', '.join(planned)})")
+    planned[name] = stage_settings
+    save(out, dict(state, planned_stages=planned))
+    return name

@@ -7,15 +7,16 @@ import torch
 
 from .. import seeds
 from ..config import fingerprint, stage_settings
-from ..data import EpochBatches, EventBank
+from ..data import EventBank
 from ..events import SIGNAL_DATASETS, read_events
-from ..files import atomic_path, write_text
+from ..files import write_text
 from ..models.posterior import PosteriorModel
 from ..problem import intrinsic_names, make_simulator
 from ..provenance import provenance
 from ..svd import load_svd
 from ..trafo import Trafo
 from . import checkpoints
+from .batches import EpochBatches
 from .runner import run_stage
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,11 @@ def make_optimizer(model, settings, epochs):
     return optimizer, scheduler
 
 
-def train_stage(config, stage, inputs, outputs, checkpoint_dir, threads=1):
+def train_stage(config, stage, inputs, outputs, checkpoint_dir, threads=1, planned_stages=None):
     """Train stage `stage` (e.g. "stage_1") and write its model file and history.
+
+    planned_stages (the config's whole `training` section) is stored in the
+    checkpoints for `stagewise ls` and `append-stage`; it is not part of the fingerprint.
 
     inputs: dict with training_files, validation_files, trafo, svd (list, one per
     detector), fiducial_asd, asd_set, previous_model (None for the first stage).
@@ -111,7 +115,8 @@ def train_stage(config, stage, inputs, outputs, checkpoint_dir, threads=1):
     model_settings = stage_settings(config, stage)
     input_files = [inputs["trafo"], *inputs["svd"]] + ([inputs["previous_model"]] if inputs["previous_model"] else [])
     stage_fingerprint = fingerprint(model_settings, input_files)
-    metadata = dict(stage=stage, settings=model_settings, architecture=model.architecture, provenance=provenance())
+    metadata = dict(stage=stage, settings=model_settings, architecture=model.architecture, provenance=provenance(),
+                    planned_stages=planned_stages or config["training"])
     limits = local["runtime_limits"]
     history = run_stage(
         model, optimizer, scheduler, train_batches, validation_batches, settings["epochs"], checkpoint_dir,
@@ -121,6 +126,5 @@ def train_stage(config, stage, inputs, outputs, checkpoint_dir, threads=1):
     write_text(outputs["history"], pd.DataFrame(history).to_csv(index=False))
     final = dict(metadata, fingerprint=stage_fingerprint, epoch=history[-1]["epoch"], history=history,
                  model=model.state_dict())
-    with atomic_path(outputs["model"]) as tmp:
-        torch.save(final, tmp)
+    checkpoints.save(outputs["model"], final)
     log.info("stage %s done: %s", stage, outputs["model"])

@@ -1,0 +1,120 @@
+"""Describe any artefact of a run as text: what `stagewise ls` prints."""
+
+import json
+from pathlib import Path
+
+import h5py
+import yaml
+
+from .training import checkpoints
+
+
+class UnknownArtefact(ValueError):
+    """A file that is not an artefact stagewise knows."""
+
+
+def _yaml(data):
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100).rstrip()
+
+
+def _section(title, body):
+    return f"{title}:\n" + "\n".join("  " + line for line in str(body).splitlines())
+
+
+def _provenance(attrs):
+    return {k: str(v) for k, v in attrs.items() if k.startswith(("version_", "git_")) or k in ("host", "created")}
+
+
+def describe_model(path):
+    """A checkpoint or stage model (.pt)."""
+    state = checkpoints.load(path)
+    partial = state.get("partial_epoch")
+    planned = state.get("planned_stages") or {}
+    progress = {
+        "stage": state["stage"],
+        "epochs completed": state["epoch"],
+        "epochs planned": planned.get(state["stage"], {}).get("epochs", "unknown"),
+        "inside epoch": f"step {partial['batches']['step']} of epoch {state['epoch'] + 1}" if partial else "no",
+        "fingerprint": state["fingerprint"],
+    }
+    history = state.get("history", [])
+    last = {k: round(v, 6) if isinstance(v, float) else v for k, v in history[-1].items()} if history else "none"
+    parts = [
+        _section("progress", _yaml(progress)),
+        _section("last epoch", _yaml(last)),
+        _section("planned stages", _yaml(planned)),
+        _section("settings", _yaml(state["settings"])),
+        _section("architecture", _yaml(state["architecture"])),
+        _section("provenance", _yaml(state["provenance"])),
+    ]
+    return "\n".join(parts)
+
+
+def _describe_h5(path, f):
+    layout = f.attrs.get("stagewise_layout")
+    parts = []
+    if layout == "events/1":
+        n = next(iter(f["data"].values())).shape[0]
+        labels = {k: f"min {d[()].min():.6g}, max {d[()].max():.6g}" for k, d in f["labels"].items()}
+        data = {k: f"{d.dtype} {d.shape}" for k, d in f["data"].items()}
+        parts.append(_section("event file", _yaml({"kind": str(f.attrs.get("kind")), "events": n})))
+        parts.append(_section("labels", _yaml(labels)))
+        parts.append(_section("data", _yaml(data)))
+        if "frequencies" in f:
+            freqs = f["frequencies"][()]
+            parts.append(_section("frequencies", f"{len(freqs)} bins, {freqs[0]:g} to {freqs[-1]:g} Hz"))
+    elif layout == "asd/1":
+        freqs = f["frequencies"][()]
+        asds = {k: f"{d.shape[0]} ASD(s)" for k, d in f["asds"].items()}
+        parts.append(_section("ASD file", _yaml(asds)))
+        parts.append(_section("frequencies", f"{len(freqs)} bins, {freqs[0]:g} to {freqs[-1]:g} Hz"))
+    elif layout == "trafo/1":
+        names = [n.decode() if isinstance(n, bytes) else n for n in f["labels/names"][()]]
+        labels = {n: {"mean": float(m), "std": float(s), "log": bool(g)}
+                  for n, m, s, g in zip(names, f["labels/mean"][()], f["labels/std"][()], f["labels/log"][()])}
+        std = f["inputs/std"][()]
+        parts.append(_section("trafo: labels", _yaml(labels)))
+        parts.append(_section("trafo: inputs", f"shape {std.shape}, std from {std.min():.4g} to {std.max():.4g}"))
+    elif layout == "svd/1":
+        basis = f["basis"]
+        table = {k: f["mismatch"][k][()] for k in f["mismatch"]}
+        header = ["size", "mean", "max"] + sorted(k for k in table if k.startswith("p"))
+        rows = ["  ".join(f"{h:>10}" for h in header)]
+        for i in range(len(table["size"])):
+            rows.append("  ".join(f"{table[h][i]:>10.3g}" for h in header))
+        parts.append(_section("SVD basis", _yaml({"detector": str(f.attrs.get("detector")), "basis": list(basis.shape)})))
+        parts.append(_section("mismatch by basis size", "\n".join(rows)))
+    else:
+        raise UnknownArtefact(f"{path}: an HDF5 file without a known 'stagewise_layout' attribute "
+                              f"(found {layout!r}; expected events/1, asd/1, trafo/1 or svd/1)")
+    if "settings" in f.attrs:
+        parts.append(_section("settings", _yaml(json.loads(f.attrs["settings"]))))
+    parts.append(_section("provenance", _yaml(_provenance(f.attrs))))
+    return "\n".join(parts)
+
+
+def describe_counts(path):
+    counts = yaml.safe_load(Path(path).read_text())
+    if not isinstance(counts, dict) or not all(isinstance(v, dict) and "total" in v for v in counts.values()):
+        raise UnknownArtefact(f"{path}: not a counts.yaml (expected a total per split)")
+    return _yaml(counts)
+
+
+def describe(path):
+    """Text describing `path`; UnknownArtefact for files stagewise does not know."""
+    path = Path(path)
+    if not path.is_file():
+        raise UnknownArtefact(f"{path}: no such file")
+    if path.suffix == ".pt":
+        try:
+            return describe_model(path)
+        except ValueError as err:
+            raise UnknownArtefact(str(err)) from None
+    if path.suffix in (".yaml", ".yml"):
+        return describe_counts(path)
+    if h5py.is_hdf5(path):
+        with h5py.File(path, "r") as f:
+            return _describe_h5(path, f)
+    raise UnknownArtefact(f"{path}: not a stagewise artefact (expected a .pt model or checkpoint, an HDF5 file "
+                          "of stagewise, or counts.yaml)")
+

@@ -1,0 +1,170 @@
+"""Interruption is a non-event: real kills and signals of a real Snakemake training job.
+
+Each test runs `snakemake train_stage_0` on the tiny config with a longer stage
+(8 epochs of 40 steps) in a temporary folder, interrupts it, reruns it, and compares
+the final model with an uninterrupted run's, tensor by tensor.
+"""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import copy_workflow, snakemake
+
+LONG_STAGE = {"training": {"stage_0": {"epochs": 8, "batch_size": 10}}}
+MODEL = "results/tiny/stage_0/model_stage_0.pt"
+CHECKPOINTS = "results/tiny/checkpoints/stage_0"
+LOG = "results/tiny/logs/train_stage_0.log"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted stage: its model file's contents."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("uninterrupted"))
+    snakemake(workdir, "train_stage_0", overrides=LONG_STAGE)
+    return torch.load(workdir / MODEL, weights_only=False)
+
+
+def prepared(tmp_path):
+    """A workflow copy with everything before train_stage_0 done."""
+    workdir = copy_workflow(tmp_path)
+    snakemake(workdir, "build_svd", overrides=LONG_STAGE)
+    return workdir
+
+
+def start_training(workdir):
+    """Start `snakemake train_stage_0` in its own process group."""
+    command = [sys.executable, "-m", "snakemake", "train_stage_0", "--cores", "2", "--rerun-incomplete",
+               "--configfile", "config/config.yaml", "tiny.yaml", "overrides.yaml"]
+    env = dict(os.environ, CONDOR_CONFIG="/dev/null")
+    return subprocess.Popen(command, cwd=workdir, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def training_started(workdir):
+    log = workdir / LOG
+    return log.exists() and "epoch " in log.read_text()
+
+
+def wait_for(condition, process, timeout=60.0, interval=0.01):
+    """Poll `condition()` until true; False if the process ended first or on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        if process.poll() is not None:
+            return False
+        time.sleep(interval)
+    return False
+
+
+def training_process(workdir):
+    """The pid of the python process running this workdir's train_stage script."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if proc.name.isdigit() and str(workdir) in cmdline and "train_stage.py" in cmdline and "set -euo" not in cmdline:
+            return int(proc.name)
+    return None
+
+
+def finish(workdir):
+    """Unlock after a hard kill and run the stage to its end."""
+    snakemake(workdir, "--unlock", overrides=LONG_STAGE)
+    snakemake(workdir, "train_stage_0", "--rerun-incomplete", overrides=LONG_STAGE)
+
+
+def assert_same_model(workdir, reference):
+    resumed = torch.load(workdir / MODEL, weights_only=False)
+    assert resumed["model"].keys() == reference["model"].keys()
+    for name, tensor in reference["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    assert [row["epoch"] for row in resumed["history"]] == list(range(1, 9))
+    history_csv = (workdir / "results/tiny/stage_0/history.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in history_csv[1:]] == [str(e) for e in range(1, 9)]
+    for ours, theirs in zip(resumed["history"], reference["history"]):
+        assert ours["train_loss"] == theirs["train_loss"] and ours["test_loss"] == theirs["test_loss"]
+
+
+def test_sigkill_at_random_moments_and_during_a_checkpoint_write_changes_nothing(tmp_path, reference):
+    """SIGKILL the whole job (Snakemake and the trainer) at random moments of the training,
+    once exactly while a checkpoint is being written, rerunning after each kill."""
+    workdir = prepared(tmp_path)
+    rng = random.Random(7)
+    kills, kills_during_write = 0, 0
+    for attempt in range(12):
+        if kills >= 6 and kills_during_write >= 1:
+            break
+        process = start_training(workdir)
+        if not wait_for(lambda: training_started(workdir), process):
+            process.communicate()
+            continue
+        if kills_during_write == 0:
+            checkpoint_dir = workdir / CHECKPOINTS
+            hit = wait_for(lambda: any(checkpoint_dir.glob(".model_latest.pt.*.tmp")), process, interval=0.0002)
+        else:
+            time.sleep(rng.uniform(0.0, 1.5))
+            hit = process.poll() is None
+        if hit and process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            kills += 1
+            kills_during_write += kills_during_write == 0
+        process.communicate()
+        if (workdir / MODEL).exists():
+            break
+        snakemake(workdir, "--unlock", overrides=LONG_STAGE)
+    assert kills >= 6 and kills_during_write == 1, f"{kills} kills, {kills_during_write} during a write"
+    finish(workdir)
+    assert_same_model(workdir, reference)
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=lambda s: s.name)
+def test_a_stop_signal_checkpoints_mid_epoch_exits_75_and_the_rerun_resumes(tmp_path, reference, stop_signal):
+    workdir = prepared(tmp_path)
+    process = start_training(workdir)
+    assert wait_for(lambda: "epoch 2/8" in (workdir / LOG).read_text() if training_started(workdir) else False,
+                    process)
+    trainer = training_process(workdir)
+    assert trainer is not None
+    os.kill(trainer, stop_signal)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode != 0
+    assert "returned non-zero exit status 75" in output
+    state = torch.load(workdir / CHECKPOINTS / "model_latest.pt", weights_only=False)
+    log = (workdir / LOG).read_text()
+    assert f"received {stop_signal.name}" in log
+    if state["partial_epoch"] is not None:  # the signal landed inside an epoch, not in its validation
+        assert 0 < state["partial_epoch"]["batches"]["step"] < 40
+    snakemake(workdir, "train_stage_0", overrides=LONG_STAGE)
+    assert "resuming from" in (workdir / LOG).read_text()
+    assert_same_model(workdir, reference)
+
+
+def test_a_second_run_on_a_training_folder_refuses_at_both_locks(tmp_path):
+    """Snakemake's own lock refuses a second snakemake; with --nolock the trainer's lock
+    on the checkpoint folder refuses, naming the holder's host and pid."""
+    workdir = prepared(tmp_path)
+    endless = {"training": {"stage_0": {"epochs": 1000, "batch_size": 10}}}
+    (workdir / "overrides.yaml").write_text(yaml.safe_dump(endless))
+    first = start_training(workdir)
+    try:
+        assert wait_for(lambda: training_started(workdir), first)
+        second = snakemake(workdir, "train_stage_0", overrides=endless, check=False)
+        assert second.returncode != 0 and "cannot be locked" in second.output
+        unlocked = snakemake(workdir, "train_stage_0", "--nolock", overrides=endless, check=False)
+        assert unlocked.returncode != 0
+        trainer = training_process(workdir)
+        assert f"is in use by pid {trainer} on host {os.uname().nodename}" in (workdir / LOG).read_text()
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.communicate()
