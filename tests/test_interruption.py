@@ -7,6 +7,7 @@ the final model with an uninterrupted run's, tensor by tensor.
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,11 +34,18 @@ def reference(tmp_path_factory):
     return torch.load(workdir / MODEL, weights_only=False)
 
 
-def prepared(tmp_path):
-    """A workflow copy with everything before train_stage_0 done."""
-    workdir = copy_workflow(tmp_path)
+@pytest.fixture(scope="module")
+def before_training(tmp_path_factory):
+    """A workflow copy with everything before train_stage_0 done, made once for this module."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("before_training"))
     snakemake(workdir, "build_svd", overrides=LONG_STAGE)
     return workdir
+
+
+@pytest.fixture
+def prepared(before_training, tmp_path):
+    """A private copy of `before_training` for one test."""
+    return Path(shutil.copytree(before_training, tmp_path / "workdir", symlinks=True))
 
 
 def start_training(workdir):
@@ -96,10 +104,10 @@ def assert_same_model(workdir, reference):
         assert ours["train_loss"] == theirs["train_loss"] and ours["test_loss"] == theirs["test_loss"]
 
 
-def test_sigkill_at_random_moments_and_during_a_checkpoint_write_changes_nothing(tmp_path, reference):
+def test_sigkill_at_random_moments_and_during_a_checkpoint_write_changes_nothing(prepared, reference):
     """SIGKILL the whole job (Snakemake and the trainer) at random moments of the training,
     once exactly while a checkpoint is being written, rerunning after each kill."""
-    workdir = prepared(tmp_path)
+    workdir = prepared
     rng = random.Random(7)
     kills, kills_during_write = 0, 0
     for attempt in range(12):
@@ -129,8 +137,8 @@ def test_sigkill_at_random_moments_and_during_a_checkpoint_write_changes_nothing
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=lambda s: s.name)
-def test_a_stop_signal_checkpoints_mid_epoch_exits_75_and_the_rerun_resumes(tmp_path, reference, stop_signal):
-    workdir = prepared(tmp_path)
+def test_a_stop_signal_checkpoints_mid_epoch_exits_75_and_the_rerun_resumes(prepared, reference, stop_signal):
+    workdir = prepared
     process = start_training(workdir)
     assert wait_for(lambda: "epoch 2/8" in (workdir / LOG).read_text() if training_started(workdir) else False,
                     process)
@@ -150,10 +158,10 @@ def test_a_stop_signal_checkpoints_mid_epoch_exits_75_and_the_rerun_resumes(tmp_
     assert_same_model(workdir, reference)
 
 
-def test_a_second_run_on_a_training_folder_refuses_at_both_locks(tmp_path):
+def test_a_second_run_on_a_training_folder_refuses_at_both_locks(prepared):
     """Snakemake's own lock refuses a second snakemake; with --nolock the trainer's lock
     on the checkpoint folder refuses, naming the holder's host and pid."""
-    workdir = prepared(tmp_path)
+    workdir = prepared
     endless = {"training": {"stage_0": {"epochs": 1000, "batch_size": 10}}}
     (workdir / "overrides.yaml").write_text(yaml.safe_dump(endless))
     first = start_training(workdir)

@@ -5,8 +5,10 @@ import shutil
 import subprocess
 import sys
 
+import h5py
 import pytest
 import torch
+import yaml
 
 from conftest import REPO, copy_workflow, planned_jobs, snakemake
 
@@ -121,3 +123,31 @@ def test_workflow_passes_snakemake_lint_and_snakefmt():
     assert lint.returncode == 0, lint.stdout + lint.stderr
     fmt = subprocess.run([sys.executable, "-m", "snakefmt", "--check", "."], cwd=REPO, capture_output=True, text=True)
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
+
+
+PROVENANCE = ["version_stagewise", "version_torch", "version_nflows", "version_numpy", "version_h5py",
+              "version_snakemake", "git_revision", "git_dirty", "host", "created"]
+
+
+def test_every_artefact_carries_its_settings_and_provenance(tiny_run):
+    run = tiny_run[0] / "results" / "tiny"
+    h5_files = sorted(run.rglob("*.h5"))
+    assert len(h5_files) == 4 + 2 + 1 + 2  # event files, ASD files, trafo, SVD bases
+    for path in h5_files:
+        with h5py.File(path, "r") as f:
+            assert json.loads(f.attrs["settings"]), path
+            for key in PROVENANCE:
+                assert str(f.attrs[key]), (path, key)
+    pt_files = sorted(run.rglob("*.pt"))
+    assert len(pt_files) >= 2 + 2 * 3  # stage models; latest and two periodic checkpoints per stage
+    for path in pt_files:
+        state = torch.load(path, weights_only=False)
+        assert "local" not in state["settings"] and state["settings"]["training"], path
+        assert set(PROVENANCE) <= set(state["provenance"]), path
+        assert state["fingerprint"] and state["architecture"], path
+
+
+def test_local_settings_are_saved_beside_the_results(tiny_run):
+    saved = yaml.safe_load((tiny_run[0] / "results" / "tiny" / "local_settings.yaml").read_text())
+    assert saved == {"device": "cpu", "threads": 2, "checkpoint_epochs": 1,
+                     "runtime_limits": {"max_time_per_run": None, "max_epochs_per_run": None}}
