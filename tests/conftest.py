@@ -17,8 +17,9 @@ TINY = REPO / "tests" / "configs" / "tiny.yaml"
 def copy_workflow(target):
     """Copy the Snakefile, workflow/, config/, envs/ and the tiny config into `target`."""
     target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "Snakefile", target)
-    for folder in ("workflow", "config", "envs"):
+    for folder in ("workflow", "config", "envs", "profiles"):
         shutil.copytree(REPO / folder, target / folder)
     shutil.copy(TINY, target / "tiny.yaml")
     return target

@@ -10,6 +10,7 @@ from stagewise.files import atomic_path
 from stagewise.training import checkpoints
 from stagewise.training.batches import EpochBatches
 from stagewise.training.runner import StageStopped, run_stage
+from stagewise.training.stage import time_limit
 
 EPOCHS = 6
 
@@ -162,3 +163,11 @@ def test_atomic_path_replaces_the_file_when_the_block_succeeds(tmp_path):
 
     assert list(path.parent.iterdir()) == [path]
     assert path.read_text() == "new\n"
+
+
+def test_inside_a_cluster_job_the_trainer_stops_a_margin_before_the_job_limit():
+    local = {"runtime_limits": {"max_time_per_run": None}, "training_job": {"stop_margin": 300}}
+    assert time_limit(local, job_runtime=None) is None  # a plain local run: no limit
+    assert time_limit(local, job_runtime=60) == 3300
+    assert time_limit({**local, "runtime_limits": {"max_time_per_run": 1000}}, job_runtime=60) == 1000
+    assert time_limit(local, job_runtime=1) is None  # margin longer than the job: the scheduler's SIGTERM stops it

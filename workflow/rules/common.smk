@@ -20,6 +20,7 @@ RUN = Path("results") / config["run"]
 STAGES = sorted(config["training"], key=lambda name: int(name.split("_")[1]))
 SPLITS = ("training", "trafo", "validation", "test")
 ENV = "../../envs/stagewise.yaml"
+TRAINING_JOB = config["local"]["training_job"]
 
 check_config(config)
 

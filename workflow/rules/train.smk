@@ -26,6 +26,13 @@ for index, stage in enumerate(STAGES):
         conda:
             ENV
         threads: config["local"]["threads"]
+        resources:
+            gpu=TRAINING_JOB["gpus"],  # SLURM
+            request_gpus=TRAINING_JOB["gpus"],  # HTCondor
+            mem_mb=TRAINING_JOB["mem_mb"],  # SLURM
+            htcondor_request_mem_mb=TRAINING_JOB["mem_mb"],
+            runtime=TRAINING_JOB["runtime"],  # SLURM, minutes
+            allowed_job_duration=TRAINING_JOB["runtime"] * 60,  # HTCondor, seconds
         params:
             settings=settings.stage_settings(config, stage),
             stage=stage,

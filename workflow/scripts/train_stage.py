@@ -1,5 +1,6 @@
 """Snakemake adapter: train one stage (resuming from its checkpoints)."""
 
+import os
 import sys
 
 from stagewise.files import write_yaml
@@ -15,8 +16,10 @@ inputs = dict(
     trafo=snakemake.input.trafo, svd=list(snakemake.input.svd), fiducial_asd=snakemake.input.fiducial_asd,
     asd_set=snakemake.input.asd_set, previous_model=snakemake.input.previous[0] if snakemake.input.previous else None,
 )
+in_cluster_job = "SLURM_JOB_ID" in os.environ or "_CONDOR_JOB_AD" in os.environ
 try:
     train_stage(config, snakemake.params.stage, inputs, dict(snakemake.output.items()),
-                snakemake.params.checkpoint_dir, snakemake.threads, snakemake.config["training"])
+                snakemake.params.checkpoint_dir, snakemake.threads, snakemake.config["training"],
+                snakemake.resources.runtime if in_cluster_job else None)
 except StageStopped as stop:
     sys.exit(stop.exit_code)

@@ -76,11 +76,28 @@ def make_optimizer(model, settings, epochs):
     return optimizer, scheduler
 
 
-def train_stage(config, stage, inputs, outputs, checkpoint_dir, threads=1, planned_stages=None):
+def time_limit(local, job_runtime=None):
+    """max_time_per_run (s) for this run: the configured one, or less inside a cluster job.
+
+    job_runtime: the job's time limit in minutes when running as a cluster job, else None.
+    The trainer then stops `training_job.stop_margin` seconds before the scheduler's kill."""
+    limit = local["runtime_limits"]["max_time_per_run"]
+    if job_runtime:
+        derived = job_runtime * 60 - local["training_job"]["stop_margin"]
+        if derived <= 0:
+            log.warning("job runtime %s min is shorter than stop_margin %s s: relying on the scheduler's "
+                        "SIGTERM to stop the trainer", job_runtime, local["training_job"]["stop_margin"])
+        else:
+            limit = derived if limit is None else min(limit, derived)
+    return limit
+
+
+def train_stage(config, stage, inputs, outputs, checkpoint_dir, threads=1, planned_stages=None, job_runtime=None):
     """Train stage `stage` (e.g. "stage_1") and write its model file and history.
 
     planned_stages (the config's whole `training` section) is stored in the
     checkpoints for `stagewise ls` and `append-stage`; it is not part of the fingerprint.
+    job_runtime: the cluster job's time limit in minutes (see time_limit), or None.
 
     inputs: dict with training_files, validation_files, trafo, svd (list, one per
     detector), fiducial_asd, asd_set, previous_model (None for the first stage).
@@ -121,7 +138,7 @@ def train_stage(config, stage, inputs, outputs, checkpoint_dir, threads=1, plann
     history = run_stage(
         model, optimizer, scheduler, train_batches, validation_batches, settings["epochs"], checkpoint_dir,
         stage_fingerprint, metadata, local["checkpoint_epochs"],
-        limits["max_epochs_per_run"], limits["max_time_per_run"],
+        limits["max_epochs_per_run"], time_limit(local, job_runtime),
     )
     write_text(outputs["history"], pd.DataFrame(history).to_csv(index=False))
     final = dict(metadata, fingerprint=stage_fingerprint, epoch=history[-1]["epoch"], history=history,

@@ -1,0 +1,73 @@
+"""HTCondor up to the schedd: the tiny pipeline through `--profile profiles/condor` with the real
+snakemake-executor-plugin-htcondor and the real htcondor2 bindings (Submit, JobEventLog).
+
+No condor daemon can run here (PyPI's htcondor wheel holds only the bindings), so a live
+pool is NOT exercised: tests/cluster/local_schedd.py replaces the schedd alone with a test
+double that records each submit description, runs the job on this machine and writes the
+job event log that the plugin parses. The first training job is held after 20 s, as
+HTCondor holds a job past its allowed_job_duration (SIGTERM, then a 012 event); the plugin
+fails it after --htcondor-held-timeout, Snakemake resubmits it, and it resumes.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from conftest import REPO, copy_workflow
+
+OVERRIDES = {
+    "local": {"threads": 1, "training_job": {"mem_mb": 2000, "runtime": 1}},
+    "training": {"stage_0": {"epochs": 150, "batch_size": 10}},
+}
+CONFIGS = ["--configfile", "config/config.yaml", "tiny.yaml", "overrides.yaml"]
+
+
+def prepared(workdir):
+    workdir = copy_workflow(workdir)
+    (workdir / "overrides.yaml").write_text(yaml.safe_dump(OVERRIDES))
+    return workdir
+
+
+def test_pipeline_through_the_condor_profile_submits_what_it_should_and_resumes_a_held_job(tmp_path):
+    env = dict(os.environ, CONDOR_CONFIG="/dev/null")
+    local = prepared(tmp_path / "local")
+    reference = subprocess.Popen([sys.executable, "-m", "snakemake", "train_stage_1", "--cores", "1", *CONFIGS],
+                                 cwd=local, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cluster = prepared(tmp_path / "cluster")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tests/cluster/local_schedd.py"), "submits.jsonl", "--profile", "profiles/condor",
+         "--htcondor-held-timeout", "1", "--seconds-between-status-checks", "1", *CONFIGS],
+        cwd=cluster, env=dict(env, LOCAL_SCHEDD_HOLD_AFTER="20"), capture_output=True, text=True)
+    assert reference.wait(timeout=600) == 0
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+
+    submits = [json.loads(line) for line in (cluster / "submits.jsonl").read_text().splitlines()]
+    by_rule = {}
+    for submit in submits:
+        by_rule.setdefault(Path(submit["output"]).parent.name, []).append(submit)
+    assert len(by_rule["train_stage_0"]) == 2  # held once, then resubmitted
+    log_files = {submit["log"] for submit in submits}
+    assert log_files == {".snakemake/htcondor/snakemake-rules.log"}
+    cpu_rule, training_rule = by_rule["fit_trafo"][0], by_rule["train_stage_0"][0]
+    assert "request_gpus" not in cpu_rule and cpu_rule["request_cpus"] == "1"
+    assert cpu_rule["request_memory"] == "4000MB" and cpu_rule["getenv"] == "True"
+    assert training_rule["request_gpus"] == "1" and training_rule["request_cpus"] == "1"
+    assert training_rule["request_memory"] == "2000MB" and training_rule["getenv"] == "True"
+    assert training_rule["allowed_job_duration"] == "60"
+    for submit in (cpu_rule, training_rule):
+        rule = Path(submit["output"]).parent.name
+        assert submit["output"].startswith(f".snakemake/htcondor/{rule}/") and submit["output"].endswith(".out")
+        assert submit["error"].startswith(f".snakemake/htcondor/{rule}/") and submit["error"].endswith(".err")
+    assert "Hold reason: The job exceeded allowed job duration" in result.stdout + result.stderr
+    assert "resuming from" in (cluster / "results/tiny/logs/train_stage_0.log").read_text()
+
+    for stage in ("stage_0", "stage_1"):
+        ours = torch.load(cluster / f"results/tiny/{stage}/model_{stage}.pt", weights_only=False)
+        theirs = torch.load(local / f"results/tiny/{stage}/model_{stage}.pt", weights_only=False)
+        for name, tensor in theirs["model"].items():
+            assert torch.equal(tensor, ours["model"][name]), (stage, name)
