@@ -4,7 +4,7 @@ snakemake-executor-plugin-htcondor and the real htcondor2 bindings (Submit, JobE
 No condor daemon can run here (PyPI's htcondor wheel holds only the bindings), so a live
 pool is NOT exercised: tests/cluster/local_schedd.py replaces the schedd alone with a test
 double that records each submit description, runs the job on this machine and writes the
-job event log that the plugin parses. The first training job is held after 20 s, as
+job event log that the plugin parses. The first training job is held after 15 s, as
 HTCondor holds a job past its allowed_job_duration (SIGTERM, then a 012 event); the plugin
 fails it after --htcondor-held-timeout, Snakemake resubmits it, and it resumes.
 """
@@ -22,7 +22,7 @@ from conftest import REPO, copy_workflow
 
 OVERRIDES = {
     "local": {"threads": 1, "training_job": {"mem_mb": 2000, "runtime": 1}},
-    "training": {"stage_0": {"epochs": 150, "batch_size": 10}},
+    "training": {"stage_0": {"epochs": 100, "batch_size": 10}},
 }
 CONFIGS = ["--configfile", "config/config.yaml", "tiny.yaml", "overrides.yaml"]
 
@@ -42,7 +42,7 @@ def test_pipeline_through_the_condor_profile_submits_what_it_should_and_resumes_
     result = subprocess.run(
         [sys.executable, str(REPO / "tests/cluster/local_schedd.py"), "submits.jsonl", "--profile", "profiles/condor",
          "--htcondor-held-timeout", "1", "--seconds-between-status-checks", "1", *CONFIGS],
-        cwd=cluster, env=dict(env, LOCAL_SCHEDD_HOLD_AFTER="20"), capture_output=True, text=True)
+        cwd=cluster, env=dict(env, LOCAL_SCHEDD_HOLD_AFTER="15"), capture_output=True, text=True)
     assert reference.wait(timeout=600) == 0
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
 
