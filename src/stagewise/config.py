@@ -45,15 +45,6 @@ def file_digest(path):
     return digest.hexdigest()
 
 
-def without_local(config):
-    """The settings that determine the results: everything but `local`."""
-    return {key: value for key, value in config.items() if key != "local"}
-
-
-def run_dir(config):
-    return Path("results") / config["run"]
-
-
 # The settings that decide each step's output: Snakemake's `params:` of each rule and
 # the checkpoint fingerprints use exactly these, so a change reruns what it touches.
 # The library functions read only these subsets (plus `local`).
