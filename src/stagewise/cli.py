@@ -5,10 +5,10 @@ import logging
 import sys
 from pathlib import Path
 
-import jsonschema
 import yaml
 
 from .artefacts import UnknownArtefact, describe
+from .config import schema_error
 from .training.checkpoints import append_stage, load
 
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
@@ -25,11 +25,9 @@ def _stage_settings(path):
     except (OSError, yaml.YAMLError) as err:
         raise ValueError(f"{path}: cannot read stage settings ({err})") from None
     schema = yaml.safe_load(SCHEMA.read_text())
-    stage_schema = {**schema["$defs"]["stage"], "$defs": schema["$defs"]}
-    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(stage_schema).iter_errors(settings))
+    error = schema_error(settings, {**schema["$defs"]["stage"], "$defs": schema["$defs"]})
     if error is not None:
-        key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
-        raise ValueError(f"{path}: stage setting {key}: {error.message}")
+        raise ValueError(f"{path}: stage setting {error}")
     return settings
 
 

@@ -9,13 +9,20 @@ import jsonschema
 import yaml
 
 
+def schema_error(instance, schema):
+    """None, or one line "<key>: <problem>" for the first way `instance` breaks `schema`."""
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(instance))
+    if error is None:
+        return None
+    key = ".".join(str(part) for part in error.absolute_path) or "(top level)"
+    return f"{key}: {error.message}"
+
+
 def validate(config, schema_path):
     """Raise ValueError with one line naming the offending key when `config` breaks the schema."""
-    schema = yaml.safe_load(Path(schema_path).read_text())
-    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(config))
+    error = schema_error(config, yaml.safe_load(Path(schema_path).read_text()))
     if error is not None:
-        key = ".".join(str(part) for part in error.absolute_path) or "(top level)"
-        raise ValueError(f"config key {key}: {error.message} (schema {schema_path})")
+        raise ValueError(f"config key {error} (schema {schema_path})")
 
 
 def canonical_json(settings):

@@ -90,4 +90,3 @@ class EventBank:
         """Index tensors of one epoch in the random order of `generator` (the last may be short)."""
         order = torch.randperm(len(self), generator=generator, device=generator.device).to(self.h_plus.device)
         return torch.split(order, batch_size)
-

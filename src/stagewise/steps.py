@@ -38,7 +38,7 @@ def build_svd_step(settings, training_files, fiducial_asd, trafo_path, outputs):
     svd = settings["svd"]
     needed = svd["num_training_samples"] + svd["num_validation_samples"]
     simulator = make_simulator(settings, training_files[0], fiducial_asd)
-    _, data = read_events(training_files, intrinsic_names(settings)[:1], SIGNAL_DATASETS, limit=needed)
+    _, data = read_events(training_files, [], SIGNAL_DATASETS, limit=needed)
     if len(data["h_plus"]) < needed:
         raise ValueError(f"svd: num_training_samples + num_validation_samples = {needed}, "
                          f"but the training split holds {len(data['h_plus'])} events")

@@ -27,16 +27,16 @@ def simulate(settings, event_paths, fiducial_path, asd_set_path):
     attrs = {"settings": json.dumps(settings, sort_keys=True), **provenance()}
     detector_names = list(settings["detectors"])
     priors = make_priors(settings["intrinsic_prior"])
-    settings = settings["simulation"]
-    frequencies = frequency_grid(**settings["frequencies"])
+    simulation = settings["simulation"]
+    frequencies = frequency_grid(**simulation["frequencies"])
     for path in tqdm(event_paths, desc="simulate", mininterval=2):
-        labels = sample_priors(priors, settings["events_per_file"], generator)
+        labels = sample_priors(priors, simulation["events_per_file"], generator)
         h_plus, h_cross = ringdown_polarisations(labels["f0"], labels["tau"], frequencies)
         data = {"h_plus": h_plus.to(torch.complex64).numpy(), "h_cross": h_cross.to(torch.complex64).numpy()}
         labels = {k: v.numpy() for k, v in labels.items()}
         write_event_file(path, labels, data, "signals", frequencies.numpy(), attrs)
-        log.info("wrote %s (%d events)", path, settings["events_per_file"])
-    asd = settings["asd"]
+        log.info("wrote %s (%d events)", path, simulation["events_per_file"])
+    asd = simulation["asd"]
     fiducial = {d: fiducial_asd(frequencies, level) for d, level in zip(detector_names, asd["levels"])}
     write_asd_file(fiducial_path, frequencies, {d: a[None, :].numpy() for d, a in fiducial.items()}, attrs)
     varied = {
