@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from snakemake.utils import update_config
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
@@ -40,6 +41,13 @@ def snakemake(workdir, *args, overrides=None, check=True):
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.output[-5000:]}")
     return result
+
+
+def tiny_config():
+    """config/config.yaml with tests/configs/tiny.yaml merged over it, as Snakemake merges configfiles."""
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    update_config(config, yaml.safe_load(TINY.read_text()))
+    return config
 
 
 def planned_jobs(output):

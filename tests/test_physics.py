@@ -232,17 +232,17 @@ def whitened_data(simulator, parameters, noise_generator):
     return signal + noise
 
 
-def test_minus_twice_log_likelihood_at_the_truth_is_chi_square_with_2DF_degrees_of_freedom():
+def test_minus_twice_log_likelihood_at_the_truth_is_chi_square_with_2DF_degrees_of_freedom_plus_its_norm():
     simulator = small_simulator()
     parameters, noise_generator, num_draws = truth(), generator(11), 400
 
+    dof = 2 * simulator.fiducial_asd.numel()
     values = torch.cat([
         -2 * log_likelihood(whitened_data(simulator, parameters, noise_generator), parameters, simulator,
-                            simulator.fiducial_asd)
+                            simulator.fiducial_asd) - dof * math.log(2 * math.pi)
         for _ in range(num_draws)
     ])
 
-    dof = 2 * simulator.fiducial_asd.numel()
     assert abs(values.mean().item() - dof) < 4 * math.sqrt(2 * dof / num_draws)
     assert values.var().item() == pytest.approx(2 * dof, rel=0.25)
 

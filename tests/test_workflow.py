@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import h5py
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -13,6 +14,7 @@ import yaml
 from conftest import REPO, copy_workflow, planned_jobs, snakemake
 
 ALL_RULES = {"simulate", "count_events", "fit_trafo", "build_svd", "train_stage_0", "train_stage_1", "evaluate", "all"}
+PLOTS = ("loss_curves", "pp_plot", "corner", "svd_mismatch", "label_distributions")
 
 
 def test_dry_run_lists_every_step_of_the_dag(tmp_path):
@@ -39,8 +41,8 @@ def test_partial_target_builds_only_what_stage_1_needs(tiny_run):
 def test_full_run_writes_every_documented_output(tiny_run):
     workdir = tiny_run[0]
     run = workdir / "results" / "tiny"
-    for path in ["counts.yaml", "trafo.h5", "svd_H1.h5", "svd_L1.h5", "evaluation/loss_curves.png",
-                 "evaluation/pp_plot.png", "evaluation/posteriors.png"]:
+    evaluation = ["metrics.json", "metrics.html", "importance_sampling.csv", *(f"{plot}.png" for plot in PLOTS)]
+    for path in ["counts.yaml", "trafo.h5", "svd_H1.h5", "svd_L1.h5", *(f"evaluation/{e}" for e in evaluation)]:
         assert (run / path).stat().st_size > 0, path
     for stage in ("stage_0", "stage_1"):
         assert (run / stage / f"model_{stage}.pt").exists()
@@ -50,6 +52,13 @@ def test_full_run_writes_every_documented_output(tiny_run):
     metrics = json.loads((run / "evaluation" / "metrics.json").read_text())
     assert set(metrics["pp_ks_pvalue"]) == {"f0", "tau", "snr"}
     assert all(0 <= p <= 1 for p in metrics["pp_ks_pvalue"].values())
+    assert 0 <= metrics["pp_ks_pvalue_combined"] <= 1
+    sampling = metrics["importance_sampling"]
+    assert 0 < sampling["efficiency_q16"] <= sampling["efficiency_median"] <= sampling["efficiency_q84"] <= 1
+    assert sampling["phase"] == "marginalised" and set(sampling["pp_ks_pvalue"]) == {"f0", "tau", "snr"}
+    table = pd.read_csv(run / "evaluation" / "importance_sampling.csv")
+    assert len(table) == 50 and table["log_evidence"].notna().all()
+    assert table["efficiency"].median() == pytest.approx(sampling["efficiency_median"])
     for rule in ALL_RULES - {"all"}:
         assert (run / "logs" / f"{rule}.log").stat().st_size > 0, rule
 

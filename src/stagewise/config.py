@@ -79,7 +79,7 @@ def stage_settings(config, stage):
 
 
 def evaluation_settings(config):
-    return _pick(config, (*PROBLEM_KEYS, "intrinsic_prior", "model", "training", "evaluation"))
+    return _pick(config, (*PROBLEM_KEYS, "data", "intrinsic_prior", "model", "training", "evaluation"))
 
 
 def resolve_file(path, key):

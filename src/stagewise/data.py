@@ -51,6 +51,10 @@ class StrainSimulator:
 
     def __call__(self, h_plus, h_cross, intrinsic, generator, asd="fiducial"):
         """One batch: (parameters {name: float64 (B,)}, inputs float32 (B, D, 2, F), asd_features (B, A))."""
+        return self.draw(h_plus, h_cross, intrinsic, generator, asd)[:3]
+
+    def draw(self, h_plus, h_cross, intrinsic, generator, asd="fiducial"):
+        """As __call__, plus the ASD (B, D, F) that whitened each sample."""
         batch = h_plus.shape[0]
         extrinsic = sample_priors(self.extrinsic_priors, batch, generator)
         strain = self.signals(h_plus, h_cross, extrinsic)
@@ -64,7 +68,7 @@ class StrainSimulator:
         noise = torch.randn((*whitened.shape, 2), generator=generator, device=self.device)
         inputs = torch.stack((whitened.real, whitened.imag), dim=2) + noise.transpose(-1, -2)
         parameters = {**{k: torch.as_tensor(v, device=self.device) for k, v in intrinsic.items()}, **extrinsic}
-        return parameters, inputs, features
+        return parameters, inputs, features, asds
 
 
 class EventBank:

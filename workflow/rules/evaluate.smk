@@ -6,8 +6,15 @@ rule evaluate:
         test=split_files("test"),
         fiducial_asd=asd_file("fiducial_asd"),
         asd_set=asd_file("asd_set"),
+        svd=rules.build_svd.output,
     output:
         metrics=RUN / "evaluation" / "metrics.json",
+        metrics_table=report(
+            RUN / "evaluation" / "metrics.html",
+            caption="../report/metrics.rst",
+            category="Evaluation",
+        ),
+        importance_sampling=RUN / "evaluation" / "importance_sampling.csv",
         loss_curves=report(
             RUN / "evaluation" / "loss_curves.png",
             caption="../report/loss_curves.rst",
@@ -18,9 +25,19 @@ rule evaluate:
             caption="../report/pp_plot.rst",
             category="Evaluation",
         ),
-        posteriors=report(
-            RUN / "evaluation" / "posteriors.png",
-            caption="../report/posteriors.rst",
+        corner=report(
+            RUN / "evaluation" / "corner.png",
+            caption="../report/corner.rst",
+            category="Evaluation",
+        ),
+        svd_mismatch=report(
+            RUN / "evaluation" / "svd_mismatch.png",
+            caption="../report/svd_mismatch.rst",
+            category="Evaluation",
+        ),
+        label_distributions=report(
+            RUN / "evaluation" / "label_distributions.png",
+            caption="../report/label_distributions.rst",
             category="Evaluation",
         ),
     log:

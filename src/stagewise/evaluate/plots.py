@@ -50,19 +50,84 @@ def pp_plot(levels, names, pvalues, path):
     _save(fig, path)
 
 
-def posterior_panels(samples, truths, names, path):
-    """One row per event, one histogram of posterior samples per parameter, truth marked."""
-    rows, cols = samples.shape[0], samples.shape[2]
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.2 * rows), squeeze=False)
-    for r in range(rows):
-        for c in range(cols):
-            ax = axes[r, c]
-            ax.hist(samples[r, :, c], bins=40, color="C0", alpha=0.7)
-            ax.axvline(truths[r, c], color="C3", label="truth")
-            ax.set_yticks([])
-            if r == rows - 1:
-                ax.set_xlabel(names[c])
-        axes[r, 0].set_ylabel(f"event {r}")
-    axes[0, 0].legend(fontsize="small")
-    fig.suptitle("Posterior samples of test events")
+def corner_plots(samples, weights, truths, names, path):
+    """A corner plot per event, side by side: network samples, IS-reweighted samples, truth.
+
+    samples (E, S, P); weights (E, S) summing to one per event, or None without IS; truths (E, P)."""
+    events, num_samples, count = samples.shape
+    if weights is not None:  # a fixed-seed resampling, only to show the reweighted samples as points
+        rng = np.random.default_rng(0)
+        resampled = [rng.choice(num_samples, num_samples, p=w) if w.sum() > 0 else [] for w in weights]
+    fig = plt.figure(figsize=(3.2 * count * events, 3.2 * count))
+    for e, subfig in enumerate(np.atleast_1d(fig.subfigures(1, events))):
+        axes = subfig.subplots(count, count, squeeze=False)
+        ranges = [np.quantile(samples[e, :, i], [0.001, 0.999]) for i in range(count)]
+        for r in range(count):
+            for c in range(count):
+                ax = axes[r, c]
+                if c > r:
+                    ax.set_axis_off()
+                    continue
+                if r == c:
+                    _marginal(ax, samples[e, :, c], None if weights is None else weights[e], ranges[c])
+                    ax.axvline(truths[e, c], color="C3")
+                    ax.set_yticks([])
+                else:
+                    ax.scatter(samples[e, :, c], samples[e, :, r], s=1, color="C0", alpha=0.2, rasterized=True)
+                    if weights is not None:
+                        drawn = resampled[e]
+                        ax.scatter(samples[e, drawn, c], samples[e, drawn, r], s=1, color="C1", alpha=0.2,
+                                   rasterized=True)
+                    ax.plot(truths[e, c], truths[e, r], marker="x", color="C3", markersize=8)
+                    ax.set_xlim(ranges[c])
+                    ax.set_ylim(ranges[r])
+                    if c == 0:
+                        ax.set_ylabel(names[r])
+                if r == count - 1:
+                    ax.set_xlabel(names[c])
+        subfig.suptitle(f"test event {e}")
+    handles = [plt.Line2D([], [], color="C0", label="network"), plt.Line2D([], [], color="C3", label="truth")]
+    if weights is not None:
+        handles.insert(1, plt.Line2D([], [], color="C1", label="importance-sampled"))
+    fig.legend(handles=handles, loc="upper right")
+    _save(fig, path)
+
+
+def _marginal(ax, values, weights, value_range):
+    bins = np.linspace(*value_range, 41)
+    ax.hist(values, bins=bins, density=True, histtype="step", color="C0")
+    if weights is not None:
+        ax.hist(values, bins=bins, weights=weights, density=True, histtype="step", color="C1")
+    ax.set_xlim(value_range)
+
+
+def svd_mismatch(tables, path):
+    """Mismatch of held-out whitened signals against the SVD basis size, per detector.
+
+    tables: {detector: mismatch table of svd.mismatch_table}."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (detector, table) in enumerate(tables.items()):
+        for key, style in (("mean", "-"), ("p99", "--"), ("max", ":")):
+            if key in table:
+                ax.plot(table["size"], np.maximum(table[key], 1e-12), style, color=f"C{i}",
+                        label=f"{detector} {key}")
+    ax.set(xscale="log", yscale="log", xlabel="basis size", ylabel="mismatch 1 - |V^T s|",
+           title="SVD mismatch of held-out signals")
+    ax.legend(fontsize="small")
+    _save(fig, path)
+
+
+def label_distributions(physical, network, names, path):
+    """Histograms of the test injections' labels: physical (top) and after the trafo (bottom)."""
+    count = len(names)
+    fig, axes = plt.subplots(2, count, figsize=(3 * count, 4.4), squeeze=False)
+    for i, name in enumerate(names):
+        axes[0, i].hist(physical[:, i], bins=30, color="C0")
+        axes[0, i].set_xlabel(name)
+        axes[1, i].hist(network[:, i], bins=30, color="C2")
+        axes[1, i].set_xlabel(f"{name} after trafo")
+    axes[0, 0].set_ylabel("injections")
+    axes[1, 0].set_ylabel("injections")
+    fig.suptitle("Label distributions before and after the trafo")
+    fig.tight_layout()
     _save(fig, path)

@@ -1,0 +1,103 @@
+"""Importance sampling of the network's posterior samples with the exact likelihood and prior,
+as Dingo-IS does: weights w = L(d | theta) pi(theta) / q(theta | d).
+
+The weights give the sample efficiency n_eff / n with n_eff = (sum w)^2 / sum w^2, the
+evidence Z = mean(w) with the standard error of log Z, sqrt((n - n_eff) / (n n_eff)),
+and a reweighted posterior that is exact however imperfect the network is, as long as
+q covers the posterior.
+"""
+
+import math
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..priors import make_priors
+from ..simulate.likelihood import log_likelihood, phase_marginalised_log_likelihood
+
+LIKELIHOOD_PARAMETERS = ("f0", "tau", "snr", "phase", "time")
+
+
+def likelihood_plan(config):
+    """How each parameter of the ringdown likelihood is handled: ({name: "inferred" |
+    "marginalised" | fixed value}, None), or (None, the reason importance sampling cannot run)."""
+    if not config["data"]["simulate"]:
+        return None, "the event files are the user's own: stagewise knows no likelihood for them"
+    priors = {**config["intrinsic_prior"], **config["extrinsic_prior"]}
+    plan = {}
+    for name in LIKELIHOOD_PARAMETERS:
+        spec = priors.get(name)
+        if name in config["inference_parameters"]:
+            plan[name] = "inferred"
+        elif spec is None:
+            return None, f"the ringdown likelihood needs a prior for '{name}'"
+        elif spec["distribution"] == "fixed":
+            plan[name] = float(spec["value"])
+        elif name == "phase" and spec["distribution"] == "uniform" and math.isclose(
+                spec["high"] - spec["low"], 2 * math.pi):
+            plan[name] = "marginalised"
+        else:
+            return None, (f"'{name}' is neither inferred nor fixed, and only a phase uniform over "
+                          "a full period can be marginalised")
+    return plan, None
+
+
+class ImportanceSampler:
+    """log w of posterior samples for one injection's whitened data and ASD."""
+
+    def __init__(self, config, plan, simulator):
+        self.names = list(config["inference_parameters"])
+        self.plan = plan
+        self.simulator = simulator
+        known = {**config["intrinsic_prior"], **config["extrinsic_prior"]}
+        self.priors = make_priors({name: known[name] for name in self.names})
+
+    def log_weights(self, samples, log_q, whitened_data, asd):
+        """samples: float64 (S, P) physical values; log_q: (S,) network density in physical
+        space; whitened_data: complex (D, F); asd: (D, F). Returns float64 (S,), -inf outside the prior."""
+        columns = {name: samples[:, i] for i, name in enumerate(self.names)}
+        log_prior = sum(self.priors[name].log_prob(columns[name]) for name in self.names)
+        inside = torch.isfinite(log_prior)
+        parameters = {
+            name: columns[name][inside] if how == "inferred" else torch.full((int(inside.sum()),), how,
+                                                                             dtype=torch.float64)
+            for name, how in self.plan.items() if how != "marginalised"
+        }
+        if self.plan["phase"] == "marginalised":
+            log_like = phase_marginalised_log_likelihood(whitened_data, parameters, self.simulator, asd)
+        else:
+            log_like = log_likelihood(whitened_data, parameters, self.simulator, asd)
+        log_w = torch.full_like(log_prior, -math.inf)
+        log_w[inside] = log_like.cpu() + log_prior[inside] - log_q[inside]
+        return log_w
+
+
+def importance_sample(sampler, samples, log_q, whitened_data, asds):
+    """log w (N, S) for N injections: samples (N, S, P), log_q (N, S), data and ASDs (N, D, F)."""
+    rows = [sampler.log_weights(samples[i], log_q[i], whitened_data[i], asds[i])
+            for i in tqdm(range(len(samples)), desc="importance sampling", mininterval=5)]
+    return torch.stack(rows)
+
+
+def summary(log_w):
+    """(efficiency n_eff / n, log evidence, its standard error) of one injection's log weights (S,)."""
+    n = log_w.numel()
+    if not torch.isfinite(log_w).any():
+        return 0.0, -math.inf, math.inf
+    weights = torch.softmax(log_w, dim=0)
+    n_eff = float(1.0 / weights.square().sum())
+    log_evidence = float(torch.logsumexp(log_w, dim=0)) - math.log(n)
+    return n_eff / n, log_evidence, math.sqrt(max(n - n_eff, 0.0) / (n * n_eff))
+
+
+def normalised_weights(log_w):
+    """Weights (N, S) summing to one per injection (all zero where every weight is)."""
+    weights = torch.softmax(log_w, dim=1)
+    return torch.nan_to_num(weights, nan=0.0).numpy()
+
+
+def efficiency_quantiles(efficiencies):
+    """{efficiency_median, efficiency_q16, efficiency_q84} as fractions."""
+    q16, median, q84 = np.quantile(efficiencies, [0.16, 0.5, 0.84])
+    return {"efficiency_median": float(median), "efficiency_q16": float(q16), "efficiency_q84": float(q84)}
