@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,40 @@ from snakemake.utils import update_config
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
+SYSTEM_UP = REPO / "tests" / "system-up.sh"
+# The parts of tests/system-up.sh each test file needs.
+SYSTEM_PARTS = {"test_evaluation.py": "chromium", "test_slurm.py": "slurm"}
+_system = {}
+
+
+def pytest_collection_finish(session):
+    """Start tests/system-up.sh in the background for the selected tests that need it (as root only).
+
+    Besides saving the test the wait, a running SLURM controller keeps every other `snakemake`
+    call fast: the SLURM plugin runs `scontrol show config` when it is imported, which waits
+    about 9 s where SLURM is installed but no controller answers."""
+    parts = sorted({SYSTEM_PARTS[item.path.name] for item in session.items if item.path.name in SYSTEM_PARTS})
+    if not parts or os.geteuid() != 0:
+        return
+    _system["log"] = Path(tempfile.mkstemp(prefix="stagewise-system-up.", suffix=".log")[1])
+    with open(_system["log"], "w") as log:
+        _system["process"] = subprocess.Popen(["bash", str(SYSTEM_UP), *parts], stdout=log, stderr=subprocess.STDOUT)
+    _system["parts"] = parts
+
+
+def pytest_sessionfinish(session):
+    if "slurm" in _system.get("parts", ()):
+        _system["process"].wait()
+        subprocess.run(["bash", str(REPO / "tests/cluster/slurm-down.sh")], check=False)
+
+
+def system_up(part):
+    """Wait for the background start of `part`, or run it now; raise with the log if it failed."""
+    process = _system.get("process")
+    if process is None or part not in _system["parts"]:
+        subprocess.run(["bash", str(SYSTEM_UP), part], check=True)
+    elif process.wait() != 0:
+        raise RuntimeError(f"tests/system-up.sh failed:\n{_system['log'].read_text()[-3000:]}")
 
 
 def copy_workflow(target):

@@ -7,14 +7,13 @@ import json
 import math
 import os
 import shutil
-import subprocess
 
 import matplotlib.image
 import pytest
 import torch
 
 from browser import Chromium, chromium_binary
-from conftest import snakemake, tiny_config
+from conftest import snakemake, system_up, tiny_config
 from stagewise.evaluate.importance import ImportanceSampler, likelihood_plan, normalised_weights, summary
 from stagewise.evaluate.run import evaluate
 from stagewise.simulate.likelihood import log_likelihood, phase_marginalised_log_likelihood
@@ -161,12 +160,10 @@ def test_evaluation_without_a_likelihood_says_why_importance_sampling_was_skippe
 
 @pytest.fixture(scope="module")
 def chromium():
-    """Debian's chromium, installed with apt when missing (as root, like CI)."""
-    if chromium_binary() is None:
-        if os.geteuid() != 0 or shutil.which("apt-get") is None:
-            pytest.skip("chromium is not installed and this machine has no root or no apt-get to install it")
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"], check=True,
-                       env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"), stdout=subprocess.DEVNULL)
+    """Debian's chromium, installed with apt when missing (as root, like CI; see conftest.py)."""
+    if chromium_binary() is None and (os.geteuid() != 0 or shutil.which("apt-get") is None):
+        pytest.skip("chromium is not installed and this machine has no root or no apt-get to install it")
+    system_up("chromium")
     return chromium_binary()
 
 

@@ -2,8 +2,9 @@
 job that SLURM stops at its time limit, resubmitted by Snakemake and resumed.
 
 The daemons (munged, MariaDB, slurmdbd, slurmctld, slurmd) run on this machine as root,
-started by tests/cluster/slurm-up.sh, which installs Debian's packages when they are
-missing, and stopped afterwards. The node has no GPU: slurm.conf gives it a GRES gpu:1
+started by tests/cluster/slurm-up.sh (in the background when the session starts, see
+conftest.py), which installs Debian's packages when they are missing, and stopped when
+the session ends. The node has no GPU: slurm.conf gives it a GRES gpu:1
 backed by /dev/null, and the test reads back from SLURM's accounting (sacct ReqTRES)
 that the training jobs, and only they, asked for a GPU.
 """
@@ -18,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, copy_workflow, snakemake
+from conftest import REPO, copy_workflow, snakemake, system_up
 
 OVERRIDES = {
     "local": {"threads": 1, "training_job": {"mem_mb": 2000, "runtime": 1}},
@@ -28,13 +29,13 @@ OVERRIDES = {
 
 @pytest.fixture(scope="module")
 def slurm():
+    """A running one-node SLURM (started in the background by conftest.py, stopped when the session ends)."""
     if os.geteuid() != 0:
         pytest.skip("starting SLURM daemons needs root")
     if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
         pytest.skip("SLURM is not installed and there is no apt-get to install it")
-    subprocess.run(["bash", str(REPO / "tests/cluster/slurm-up.sh")], check=True)
-    yield
-    subprocess.run(["bash", str(REPO / "tests/cluster/slurm-down.sh")], check=False)
+    system_up("slurm")
+    subprocess.run(["bash", str(REPO / "tests/cluster/slurm-up.sh")], check=True)  # quick when already up
 
 
 def accounting(since):
