@@ -51,21 +51,22 @@ def system_up(part):
 
 
 def copy_workflow(target):
-    """Copy the Snakefile, workflow/, config/, envs/ and the tiny config into `target`."""
+    """Copy the Snakefile, workflow/, config/, envs/, profiles/, examples/ and the tiny config into `target`."""
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "Snakefile", target)
-    for folder in ("workflow", "config", "envs", "profiles"):
+    for folder in ("workflow", "config", "envs", "profiles", "examples"):
         shutil.copytree(REPO / folder, target / folder)
     shutil.copy(TINY, target / "tiny.yaml")
     return target
 
 
-def snakemake(workdir, *args, overrides=None, check=True):
-    """Run `snakemake --cores 2` on the tiny config (plus an optional overrides dict) in `workdir`.
+def snakemake(workdir, *args, overrides=None, check=True, configfiles=("config/config.yaml", "tiny.yaml")):
+    """Run `snakemake --cores 2` on the tiny config (or `configfiles`), plus an optional overrides
+    dict, in `workdir`.
 
     Targets must come first in `args` (multi-value options swallow what follows them)."""
-    configfiles = ["config/config.yaml", "tiny.yaml"]
+    configfiles = list(configfiles)
     if overrides is not None:
         (Path(workdir) / "overrides.yaml").write_text(yaml.safe_dump(overrides))
         configfiles.append("overrides.yaml")

@@ -42,7 +42,7 @@ def main(outdir):
     fiducial, asd_set = data / "fiducial_asd.h5", data / "asd_set.h5"
     simulate(settings.simulation_settings(config), events, fiducial, asd_set)
     split = {"training": events[:2], "trafo": events[:2], "validation": events[2:3], "test": events[3:4]}
-    count_events_step(split, out / "counts.yaml")
+    count_events_step(settings.count_settings(config), split, out / "counts.yaml")
     fit_trafo_step(settings.trafo_settings(config), split["trafo"], fiducial, out / "trafo.h5")
     svd = {d: out / f"svd_{d}.h5" for d in config["detectors"]}
     build_svd_step(settings.svd_settings(config), split["training"], fiducial, out / "trafo.h5", svd)

@@ -11,7 +11,7 @@ from stagewise.events import EventFileError, SIGNAL_DATASETS, read_events
 from stagewise.problem import make_simulator
 from stagewise.simulate.files import simulate
 from stagewise.svd import fit_basis, mismatch_table, whitened_signal_vectors
-from stagewise.trafo import Trafo, fit_trafo
+from stagewise.trafo import Trafo, fit_trafo, signal_batches
 
 CONFIG = {  # modelled on config/config.yaml, with a coarse grid and small files
     "seed": 42,
@@ -120,12 +120,17 @@ def test_inputs_to_network_standardises_each_feature():
 # fit_trafo
 
 
+def fit_signal_trafo(paths, simulator, parameters, num_batches, batch_size, **options):
+    """fit_trafo on signal batches of the labels f0 and tau, tau in log space."""
+    batches = signal_batches(paths, ["f0", "tau"], simulator, num_batches, batch_size, seed=1)
+    return fit_trafo(batches, parameters, ["tau"], **options)
+
+
 def test_fit_trafo_label_statistics_match_numpy_on_the_labels_read(simulated):
     paths, simulator = simulated
     num_batches, batch_size = 3, 100  # 300 events: all of the first file and half of the second
 
-    trafo = fit_trafo(paths, ["f0", "tau"], simulator, ["f0", "tau", "snr"], ["tau"], num_batches, batch_size,
-                      seed=1)
+    trafo = fit_signal_trafo(paths, simulator, ["f0", "tau", "snr"], num_batches, batch_size)
 
     labels, _ = read_events(paths, ["f0", "tau"], SIGNAL_DATASETS, limit=num_batches * batch_size)
     expected_mean = [labels["f0"].mean(), np.log(labels["tau"]).mean()]
@@ -143,8 +148,7 @@ def test_fit_trafo_label_statistics_match_numpy_on_the_labels_read(simulated):
 def test_fit_trafo_without_standardize_inputs_keeps_inputs_unchanged(simulated):
     paths, simulator = simulated
 
-    trafo = fit_trafo(paths, ["f0", "tau"], simulator, ["f0", "tau", "snr"], ["tau"], 1, 50, seed=1,
-                      standardize_inputs=False)
+    trafo = fit_signal_trafo(paths, simulator, ["f0", "tau", "snr"], 1, 50, standardize_inputs=False)
 
     assert torch.equal(trafo.input_mean, torch.zeros(2, 2, NUM_BINS, dtype=torch.float64))
     assert torch.equal(trafo.input_std, torch.ones(2, 2, NUM_BINS, dtype=torch.float64))
@@ -154,8 +158,7 @@ def test_fit_trafo_raises_when_the_files_hold_fewer_events_than_batches_times_ba
     paths, simulator = simulated
 
     with pytest.raises(EventFileError) as error:
-        fit_trafo(paths, ["f0", "tau"], simulator, ["f0", "tau", "snr"], ["tau"], num_batches=5, batch_size=100,
-                  seed=1)
+        fit_signal_trafo(paths, simulator, ["f0", "tau", "snr"], num_batches=5, batch_size=100)
 
     assert "hold 400 events" in str(error.value)
     assert "need 500" in str(error.value)
@@ -165,7 +168,7 @@ def test_fit_trafo_rejects_a_log_label_that_is_not_an_inference_parameter(simula
     paths, simulator = simulated
 
     with pytest.raises(ValueError, match="trafo.log_labels"):
-        fit_trafo(paths, ["f0", "tau"], simulator, ["f0", "snr"], ["tau"], 1, 50, seed=1)
+        fit_signal_trafo(paths, simulator, ["f0", "snr"], 1, 50)
 
 
 # SVD

@@ -59,11 +59,18 @@ PROBLEM_KEYS = ("seed", "detectors", "extrinsic_prior", "inference_parameters")
 
 
 def _pick(config, keys):
-    return {key: config[key] for key in keys}
+    """The named sections, plus the kind of data (and whether it is simulated), which every step after
+    `simulate` reads."""
+    data = {"data": {"kind": config["data"]["kind"], "simulate": config["data"]["simulate"]}}
+    return data | {key: config[key] for key in keys}
+
+
+def count_settings(config):
+    return _pick(config, ("inference_parameters", "intrinsic_prior", "extrinsic_prior"))
 
 
 def simulation_settings(config):
-    return _pick(config, ("seed", "simulation", "intrinsic_prior", "detectors"))
+    return {key: config[key] for key in ("seed", "simulation", "intrinsic_prior", "detectors")}
 
 
 def trafo_settings(config):
@@ -79,7 +86,7 @@ def stage_settings(config, stage):
 
 
 def evaluation_settings(config):
-    return _pick(config, (*PROBLEM_KEYS, "data", "intrinsic_prior", "model", "training", "evaluation"))
+    return _pick(config, (*PROBLEM_KEYS, "intrinsic_prior", "model", "training", "evaluation"))
 
 
 def resolve_file(path, key):

@@ -72,19 +72,20 @@ class StrainSimulator:
 
 
 class EventBank:
-    """Intrinsic signals and their labels held in memory on the training device."""
+    """Events held in memory on the training device: labels {name: float64 (N,)} and data
+    {name: (N, ...)}, complex arrays as complex64 and real ones as float32."""
 
     def __init__(self, labels, data, device):
         self.labels = {k: torch.as_tensor(v, dtype=torch.float64, device=device) for k, v in labels.items()}
-        self.h_plus = torch.as_tensor(data["h_plus"], dtype=torch.complex64, device=device)
-        self.h_cross = torch.as_tensor(data["h_cross"], dtype=torch.complex64, device=device)
+        self.data = {k: torch.as_tensor(v, dtype=torch.complex64 if np.iscomplexobj(v) else torch.float32,
+                                        device=device) for k, v in data.items()}
 
     def __len__(self):
-        return self.h_plus.shape[0]
+        return next(iter(self.data.values())).shape[0]
 
     def take(self, index):
-        """(h_plus, h_cross, labels) of the events at `index`."""
-        return self.h_plus[index], self.h_cross[index], {k: v[index] for k, v in self.labels.items()}
+        """(labels, data) of the events at `index`."""
+        return {k: v[index] for k, v in self.labels.items()}, {k: v[index] for k, v in self.data.items()}
 
     def epoch(self, batch_size, generator, make_batch):
         """The batches of one epoch in the random order of `generator`: a sized iterable of make_batch(index, generator)."""
@@ -92,5 +93,6 @@ class EventBank:
 
     def batches(self, batch_size, generator):
         """Index tensors of one epoch in the random order of `generator` (the last may be short)."""
-        order = torch.randperm(len(self), generator=generator, device=generator.device).to(self.h_plus.device)
+        device = next(iter(self.data.values())).device
+        order = torch.randperm(len(self), generator=generator, device=generator.device).to(device)
         return torch.split(order, batch_size)

@@ -4,11 +4,13 @@ An event file holds N events::
 
     /                 attrs: stagewise_layout = "events/1", kind = "signals" | "observations"
     /labels/<name>    float, shape (N,)        one dataset per parameter (label)
-    /data/<name>      shape (N, ...)           network inputs, or for kind "signals"
-                                               h_plus and h_cross, complex, shape (N, F)
+    /data/inputs      float, shape (N, K)      kind "observations": the network inputs
+    /data/h_plus      complex, shape (N, F)    kind "signals": noise-free polarisations
+    /data/h_cross     complex, shape (N, F)
     /frequencies      float, shape (F,)        kind "signals" only: the frequency grid in Hz
 
-Only metadata is read to count events; data is read in contiguous chunks.
+Layout and shapes are checked from metadata; values (finite, labels inside their prior)
+are checked in contiguous chunks, the way all data is read.
 """
 
 import logging
@@ -23,6 +25,8 @@ log = logging.getLogger(__name__)
 LAYOUT = "events/1"
 KINDS = ("signals", "observations")
 SIGNAL_DATASETS = ("h_plus", "h_cross")
+OBSERVATION_DATASET = "inputs"
+CHECK_CHUNK = 65536
 
 
 class EventFileError(ValueError):
@@ -54,6 +58,7 @@ def _open(path):
 
 
 def _check_layout(f, path, kind):
+    """(number of events, shape of one event's data) of an open file; EventFileError if it does not fit."""
     if f.attrs.get("stagewise_layout") != LAYOUT:
         raise EventFileError(f"{path}: root attribute 'stagewise_layout' must be '{LAYOUT}'")
     if f.attrs.get("kind") != kind:
@@ -65,40 +70,84 @@ def _check_layout(f, path, kind):
     n.update({f"data/{k}": d.shape[0] if d.ndim else None for k, d in f["data"].items()})
     if len(set(n.values())) != 1 or None in n.values():
         raise EventFileError(f"{path}: datasets disagree on the number of events: {n}")
-    if kind == "signals":
-        for name in SIGNAL_DATASETS:
-            if name not in f["data"]:
-                raise EventFileError(f"{path}: missing dataset '/data/{name}'")
-        if "frequencies" not in f:
-            raise EventFileError(f"{path}: missing dataset '/frequencies'")
-        width = f["frequencies"].shape[0]
-        for name in SIGNAL_DATASETS:
-            if f["data"][name].shape[1:] != (width,):
-                raise EventFileError(
-                    f"{path}: '/data/{name}' has shape {f['data'][name].shape}, expected (N, {width})"
-                )
-    return next(iter(n.values()))
+    if kind == "observations":
+        inputs = f["data"].get(OBSERVATION_DATASET)
+        if inputs is None:
+            raise EventFileError(f"{path}: missing dataset '/data/{OBSERVATION_DATASET}'")
+        if inputs.ndim != 2 or inputs.dtype.kind != "f":
+            raise EventFileError(f"{path}: '/data/{OBSERVATION_DATASET}' is {inputs.dtype} of shape {inputs.shape}, "
+                                 "expected float of shape (N, K)")
+        return next(iter(n.values())), inputs.shape[1:]
+    for name in SIGNAL_DATASETS:
+        if name not in f["data"]:
+            raise EventFileError(f"{path}: missing dataset '/data/{name}'")
+    if "frequencies" not in f:
+        raise EventFileError(f"{path}: missing dataset '/frequencies'")
+    width = f["frequencies"].shape[0]
+    for name in SIGNAL_DATASETS:
+        if f["data"][name].shape[1:] != (width,):
+            raise EventFileError(f"{path}: '/data/{name}' has shape {f['data'][name].shape}, expected (N, {width})")
+    return next(iter(n.values())), (width,)
 
 
 def count_events(path, kind="signals"):
     """Number of events in one file, from metadata only."""
     with _open(path) as f:
-        return _check_layout(f, path, kind)
+        return _check_layout(f, path, kind)[0]
 
 
 def count_splits(splits, kind="signals"):
-    """Events per file and total per split; `splits` maps split name to a list of paths."""
-    counts = {}
+    """Events per file and total per split; `splits` maps split name to a list of paths.
+
+    Every file must hold the same shape of data per event."""
+    counts, first = {}, None
     for split, paths in splits.items():
         if not paths:
             raise EventFileError(f"split '{split}': no event files given")
-        per_file = {str(p): count_events(p, kind) for p in paths}
+        per_file = {}
+        for path in paths:
+            with _open(path) as f:
+                per_file[str(path)], shape = _check_layout(f, path, kind)
+            first = first or (path, shape)
+            if shape != first[1]:
+                raise EventFileError(f"{path}: data of shape {shape} per event, but {first[0]} has {first[1]}")
         total = sum(per_file.values())
         if total == 0:
             raise EventFileError(f"split '{split}': the files hold no events ({', '.join(per_file)})")
         counts[split] = {"total": total, "files": per_file}
         log.info("%s: %d events in %d files", split, total, len(per_file))
     return counts
+
+
+def check_values(path, priors, kind="signals"):
+    """Labels finite and inside their priors ({name: priors.Prior}); for observations also finite
+    inputs. Reads in contiguous chunks; EventFileError naming the dataset, the count and the first index."""
+    with _open(path) as f:
+        for name, prior in priors.items():
+            if name not in f["labels"]:
+                raise EventFileError(f"{path}: missing dataset '/labels/{name}'")
+            _check_chunks(path, f"labels/{name}", f["labels"][name], prior)
+        if kind == "observations":
+            _check_chunks(path, f"data/{OBSERVATION_DATASET}", f["data"][OBSERVATION_DATASET], None)
+
+
+def _check_chunks(path, name, dataset, prior):
+    bad = first = None
+    count = 0
+    for start in range(0, dataset.shape[0], CHECK_CHUNK):
+        values = dataset[start:start + CHECK_CHUNK]
+        finite = np.isfinite(values).reshape(len(values), -1).all(axis=1)
+        if not finite.all():
+            bad, count = "NaN or inf", count + int((~finite).sum())
+            first = first if first is not None else start + int(np.argmin(finite))
+        elif prior is not None and bad is None:
+            outside = (values < prior.low) | (values > prior.high)
+            if outside.any():
+                index = start + int(np.argmax(outside))
+                raise EventFileError(f"{path}: '/{name}' has {int(outside.sum())} value(s) outside its prior "
+                                     f"[{prior.low}, {prior.high}], the first at event {index} ({dataset[index]})")
+    if bad:
+        raise EventFileError(f"{path}: '/{name}' holds NaN or inf in {count} event(s), the first at event {first}")
 
 
 def read_frequencies(path):
@@ -132,7 +181,7 @@ def read_events(paths, labels, data_keys, limit=None):
     return labels_arr, data_arr
 
 
-def iter_chunks(paths, labels, data_keys, chunk_size, num_chunks):
+def iter_chunks(paths, labels, data_keys, chunk_size, num_chunks, kind="signals"):
     """Yield `num_chunks` consecutive chunks of `chunk_size` events, read file by file.
 
     Each chunk is (labels dict, data dict) of numpy arrays; only one chunk (plus one
@@ -141,7 +190,7 @@ def iter_chunks(paths, labels, data_keys, chunk_size, num_chunks):
     if not paths:
         raise EventFileError("no event files given")
     needed = chunk_size * num_chunks
-    available = sum(count_events(p) for p in paths)
+    available = sum(count_events(p, kind) for p in paths)
     if available < needed:
         raise EventFileError(
             f"{len(paths)} file(s) starting with {paths[0]} hold {available} events, "

@@ -8,9 +8,21 @@ from .events import read_frequencies
 from .priors import make_priors
 
 
+def observations(config):
+    return config["data"]["kind"] == "observations"
+
+
 def intrinsic_names(config):
-    """Inference parameters read from the event files (the rest are extrinsic)."""
+    """Inference parameters read from the event files as labels: all of them for observations,
+    those without an extrinsic prior for signals."""
+    if observations(config):
+        return list(config["inference_parameters"])
     return [p for p in config["inference_parameters"] if p not in config["extrinsic_prior"]]
+
+
+def label_priors(config):
+    """{name: Prior} of the labels that the event files must hold."""
+    return {name: make_priors({name: config["intrinsic_prior"][name]})[name] for name in intrinsic_names(config)}
 
 
 def make_simulator(config, event_file, fiducial_asd_file, asd_set_file=None, device="cpu", num_asd_bands=1):
@@ -29,11 +41,14 @@ def make_simulator(config, event_file, fiducial_asd_file, asd_set_file=None, dev
 def check_config(config):
     """What the schema cannot say: priors are valid, each inference parameter has one, log labels
     are inference parameters, stages are numbered 0, 1, ..., the simulation fits the detectors."""
-    known = {**config["intrinsic_prior"], **config["extrinsic_prior"]}
+    known = config["intrinsic_prior"] if observations(config) else {**config["intrinsic_prior"],
+                                                                       **config["extrinsic_prior"]}
     make_priors(known)
     for name in config["inference_parameters"]:
         if name not in known:
-            raise ValueError(f"inference_parameters: '{name}' is in neither intrinsic_prior nor extrinsic_prior")
+            where = ("has no prior in intrinsic_prior (the label priors of observations)" if observations(config)
+                     else "is in neither intrinsic_prior nor extrinsic_prior")
+            raise ValueError(f"inference_parameters: '{name}' {where}")
         if known[name]["distribution"] == "fixed":
             raise ValueError(f"inference_parameters: '{name}' has a fixed prior and cannot be inferred")
     for name in config["trafo"]["log_labels"]:
@@ -42,6 +57,12 @@ def check_config(config):
     expected = [f"stage_{i}" for i in range(len(config["training"]))]
     if sorted(config["training"], key=lambda s: int(s.split("_")[1])) != expected:
         raise ValueError(f"training: stages must be named {', '.join(expected)}; found {', '.join(config['training'])}")
+    if observations(config):
+        check_observations_config(config)
+    elif config["svd"] is None:
+        raise ValueError("svd: null is for observations only; signals need the SVD basis")
+    elif config["trafo"]["log_inputs"]:
+        raise ValueError("trafo.log_inputs: whitened strain has negative values; log inputs are for observations")
     if config["data"]["simulate"]:
         simulation = config["simulation"]
         levels, detectors = simulation["asd"]["levels"], list(config["detectors"])
@@ -52,3 +73,13 @@ def check_config(config):
         missing = {"f0", "tau"} - set(config["intrinsic_prior"])
         if missing:
             raise ValueError(f"intrinsic_prior: the simulated ringdowns need priors for {sorted(missing)}")
+
+
+def check_observations_config(config):
+    if config["data"]["simulate"]:
+        raise ValueError("data.simulate: the simulated toy problem is made of signals; set data.kind: signals "
+                         "or data.simulate: false")
+    if config["svd"] is None:
+        for stage, settings in config["training"].items():
+            if settings["freeze_svd"]:
+                raise ValueError(f"training.{stage}.freeze_svd: there is no SVD layer to freeze (svd is null)")

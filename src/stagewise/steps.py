@@ -7,43 +7,60 @@ runs on a device), its input paths and its output paths.
 import logging
 
 import torch
+from tqdm import tqdm
 
-from .events import SIGNAL_DATASETS, count_splits, read_events
+from .events import OBSERVATION_DATASET, SIGNAL_DATASETS, check_values, count_splits, read_events
 from .files import write_yaml
-from .problem import intrinsic_names, make_simulator
-from .svd import build_svd, save_svd
-from .trafo import Trafo, fit_trafo
+from .problem import intrinsic_names, label_priors, make_simulator, observations
+from .svd import build_observation_svd, build_svd, save_svd
+from .trafo import Trafo, fit_trafo, observation_batches, signal_batches
 
 log = logging.getLogger(__name__)
 
 
-def count_events_step(splits, output):
-    """counts.yaml: events per file and total per split, from HDF5 metadata only."""
-    write_yaml(output, count_splits(splits))
+def count_events_step(settings, splits, output):
+    """counts.yaml: events per file and total per split. Layout and shapes are checked from
+    metadata, then every file's labels (finite, inside their priors) and, for observations,
+    inputs (finite) in contiguous chunks."""
+    kind = settings["data"]["kind"]
+    counts = count_splits(splits, kind)
+    priors = label_priors(settings)
+    files = sorted({path for paths in splits.values() for path in paths})
+    for path in tqdm(files, desc="checking values", mininterval=5):
+        check_values(path, priors, kind)
+    write_yaml(output, counts)
 
 
 def fit_trafo_step(settings, trafo_files, fiducial_asd, output):
-    simulator = make_simulator(settings, trafo_files[0], fiducial_asd)
     trafo_config = settings["trafo"]
-    trafo = fit_trafo(
-        trafo_files, intrinsic_names(settings), simulator, settings["inference_parameters"],
-        trafo_config["log_labels"], trafo_config["num_batches"], trafo_config["batch_size"],
-        settings["seed"], trafo_config["standardize_inputs"],
-    )
+    size, count = trafo_config["batch_size"], trafo_config["num_batches"]
+    if observations(settings):
+        batches = observation_batches(trafo_files, intrinsic_names(settings), count, size)
+    else:
+        simulator = make_simulator(settings, trafo_files[0], fiducial_asd)
+        batches = signal_batches(trafo_files, intrinsic_names(settings), simulator, count, size, settings["seed"])
+    trafo = fit_trafo(batches, settings["inference_parameters"], trafo_config["log_labels"],
+                      trafo_config["standardize_inputs"], trafo_config["log_inputs"])
     trafo.save(output, settings)
 
 
 def build_svd_step(settings, training_files, fiducial_asd, trafo_path, outputs):
-    """svd_<detector>.h5 for each detector; outputs maps detector name to path."""
+    """svd_<name>.h5 for each detector (signals) or for "inputs" (observations); outputs maps name to path."""
     svd = settings["svd"]
     needed = svd["num_training_samples"] + svd["num_validation_samples"]
-    simulator = make_simulator(settings, training_files[0], fiducial_asd)
-    _, data = read_events(training_files, [], SIGNAL_DATASETS, limit=needed)
-    if len(data["h_plus"]) < needed:
+    dataset = (OBSERVATION_DATASET,) if observations(settings) else SIGNAL_DATASETS
+    _, data = read_events(training_files, [], dataset, limit=needed)
+    if len(data[dataset[0]]) < needed:
         raise ValueError(f"svd: num_training_samples + num_validation_samples = {needed}, "
-                         f"but the training split holds {len(data['h_plus'])} events")
-    h_plus, h_cross = (torch.as_tensor(data[k]) for k in SIGNAL_DATASETS)
-    results = build_svd(simulator, Trafo.load(trafo_path), h_plus, h_cross, svd["size"],
-                        svd["num_training_samples"], settings["seed"])
-    for detector, (basis, singular_values, table) in results.items():
-        save_svd(outputs[detector], detector, basis, singular_values, table, settings)
+                         f"but the training split holds {len(data[dataset[0]])} events")
+    trafo = Trafo.load(trafo_path)
+    if observations(settings):
+        results = build_observation_svd(trafo, torch.as_tensor(data[OBSERVATION_DATASET]), svd["size"],
+                                        svd["num_training_samples"])
+    else:
+        simulator = make_simulator(settings, training_files[0], fiducial_asd)
+        h_plus, h_cross = (torch.as_tensor(data[k]) for k in SIGNAL_DATASETS)
+        results = build_svd(simulator, trafo, h_plus, h_cross, svd["size"], svd["num_training_samples"],
+                            settings["seed"])
+    for name, (basis, singular_values, table) in results.items():
+        save_svd(outputs[name], name, basis, singular_values, table, settings)

@@ -67,6 +67,17 @@ def build_svd(simulator, trafo, h_plus, h_cross, size, num_training, seed):
     return results
 
 
+def build_observation_svd(trafo, inputs, size, num_training):
+    """{"inputs": (basis (K, size), singular values, mismatch table)} of standardised observation
+    inputs (N, K), the first `num_training` fitting the basis and the rest measuring its mismatch."""
+    vectors = trafo.inputs_to_network(inputs.to(torch.float64)).to(torch.float64)
+    vectors = vectors / torch.linalg.vector_norm(vectors, dim=-1, keepdim=True).clamp_min(1e-30)
+    basis, singular_values = fit_basis(vectors[:num_training], size)
+    table = mismatch_table(basis, vectors[num_training:])
+    log.info("inputs: mismatch at size %d: mean %.2e, max %.2e", size, table["mean"][-1], table["max"][-1])
+    return {"inputs": (basis, singular_values, table)}
+
+
 def save_svd(path, detector, basis, singular_values, table, settings):
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["stagewise_layout"] = "svd/1"

@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from . import seeds
-from .events import SIGNAL_DATASETS, iter_chunks
+from .events import OBSERVATION_DATASET, SIGNAL_DATASETS, iter_chunks
 from .files import atomic_path
 from .provenance import provenance
 
@@ -18,15 +18,17 @@ log = logging.getLogger(__name__)
 
 class Trafo:
     """Label standardisation z = (g(x) - mean) / std, g = log or identity, and input
-    standardisation (x - mean) / std per input feature."""
+    standardisation (g(x) - mean) / std per input feature (log only where `log_inputs`)."""
 
-    def __init__(self, names, label_mean, label_std, log_labels, input_mean, input_std):
+    def __init__(self, names, label_mean, label_std, log_labels, input_mean, input_std, log_inputs=None):
         self.names = list(names)
         self.label_mean = torch.as_tensor(label_mean, dtype=torch.float64)
         self.label_std = torch.as_tensor(label_std, dtype=torch.float64)
         self.log_labels = torch.as_tensor(log_labels, dtype=torch.bool)
         self.input_mean = torch.as_tensor(input_mean, dtype=torch.float32)
         self.input_std = torch.as_tensor(input_std, dtype=torch.float32)
+        self.log_inputs = (torch.zeros_like(self.input_mean, dtype=torch.bool) if log_inputs is None
+                           else torch.as_tensor(log_inputs, dtype=torch.bool))
 
     def labels_to_network(self, parameters):
         """{name: float64 (B,)} -> float32 (B, P) in network space."""
@@ -49,7 +51,11 @@ class Trafo:
         return per_label.sum(-1)
 
     def inputs_to_network(self, inputs):
-        return (inputs - self.input_mean.to(inputs.device)) / self.input_std.to(inputs.device)
+        """Inputs (B, ...) as the network sees them, float32."""
+        if self.log_inputs.any():
+            logs = self.log_inputs.to(inputs.device)
+            inputs = torch.where(logs, torch.log(inputs.clamp_min(1e-30)), inputs)
+        return ((inputs - self.input_mean.to(inputs.device)) / self.input_std.to(inputs.device)).to(torch.float32)
 
     def save(self, path, settings):
         with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
@@ -63,6 +69,7 @@ class Trafo:
             f["labels/log"] = self.log_labels.numpy()
             f["inputs/mean"] = self.input_mean.numpy()
             f["inputs/std"] = self.input_std.numpy()
+            f["inputs/log"] = self.log_inputs.numpy()
 
     @classmethod
     def load(cls, path):
@@ -72,44 +79,79 @@ class Trafo:
             return cls(
                 [n.decode() if isinstance(n, bytes) else n for n in f["labels/names"][()]],
                 f["labels/mean"][()], f["labels/std"][()], f["labels/log"][()],
-                f["inputs/mean"][()], f["inputs/std"][()],
+                f["inputs/mean"][()], f["inputs/std"][()], f["inputs/log"][()] if "log" in f["inputs"] else None,
             )
 
 
-def fit_trafo(paths, intrinsic_names, simulator, parameters, log_labels, num_batches, batch_size, seed,
-              standardize_inputs=True):
-    """Fit a Trafo streaming over `num_batches` batches of the trafo files.
+def fit_trafo(batches, parameters, log_labels, standardize_inputs=True, log_inputs=()):
+    """Fit a Trafo streaming over `batches`, an iterable of (labels {name: float64 (B,)}, inputs (B, ...)).
 
-    Labels of intrinsic parameters come from the files, extrinsic ones and noise from
-    `simulator` (fiducial ASD), so the statistics are those of the training inputs."""
+    log_labels: parameters standardised in log space; log_inputs: indices of input features
+    (along the last axis) standardised in log space."""
     unknown = [p for p in log_labels if p not in parameters]
     if unknown:
         raise ValueError(f"trafo.log_labels: {unknown} are not inference parameters {parameters}")
-    generator = seeds.generator(seed, "fit_trafo", device=simulator.device)
     logs = torch.tensor([p in log_labels for p in parameters])
-    sums = {"label": 0.0, "label_sq": 0.0, "input": 0.0, "input_sq": 0.0}
-    chunks = iter_chunks(paths, intrinsic_names, SIGNAL_DATASETS, batch_size, num_batches)
-    for labels, data in tqdm(chunks, total=num_batches, desc="fit_trafo", mininterval=2):
-        h_plus, h_cross = (torch.as_tensor(data[k], device=simulator.device) for k in SIGNAL_DATASETS)
-        values, inputs, _ = simulator(h_plus, h_cross, labels, generator)
-        x = torch.stack([values[p].to(torch.float64) for p in parameters], dim=-1).cpu()
+    sums, n, input_logs = {"label": 0.0, "label_sq": 0.0, "input": 0.0, "input_sq": 0.0}, 0, None
+    for labels, inputs in batches:
+        x = torch.stack([torch.as_tensor(labels[p]).to(torch.float64) for p in parameters], dim=-1).cpu()
         bad = logs & (x <= 0).any(0)
         if bad.any():
             raise ValueError(f"trafo.log_labels: {[p for p, b in zip(parameters, bad) if b]} have values <= 0")
+        inputs = torch.as_tensor(inputs).to(torch.float64).cpu()
+        if input_logs is None:
+            input_logs = log_input_mask(inputs.shape[1:], log_inputs)
+        if (input_logs & (inputs <= 0)).any():
+            features = sorted({int(i) for i in torch.nonzero(input_logs & (inputs <= 0))[:, -1]})
+            raise ValueError(f"trafo.log_inputs: input feature(s) {features} have values <= 0")
         x = torch.where(logs, torch.log(x), x)
-        inputs = inputs.to(torch.float64).cpu()
+        inputs = torch.where(input_logs, torch.log(inputs.clamp_min(1e-300)), inputs)
         sums["label"] += x.sum(0)
         sums["label_sq"] += x.square().sum(0)
         sums["input"] += inputs.sum(0)
         sums["input_sq"] += inputs.square().sum(0)
-    n = num_batches * batch_size
+        n += len(x)
     label_mean = sums["label"] / n
     label_std = torch.sqrt(sums["label_sq"] / n - label_mean.square())
-    input_mean, input_std = sums["input"] / n, torch.sqrt(sums["input_sq"] / n - (sums["input"] / n).square())
+    input_mean = sums["input"] / n
+    input_std = torch.sqrt((sums["input_sq"] / n - input_mean.square()).clamp_min(0))
     if not standardize_inputs:
         input_mean, input_std = torch.zeros_like(input_mean), torch.ones_like(input_std)
+    elif not (input_std > 0).all():
+        constant = torch.nonzero(~(input_std > 0)).flatten().tolist()[:10]
+        log.warning("input features %s do not vary in the trafo data: left unscaled", constant)
+        input_std = torch.where(input_std > 0, input_std, torch.ones_like(input_std))
     zero = [p for p, s in zip(parameters, label_std) if not s > 0]
     if zero:
         raise ValueError(f"inference parameters {zero} do not vary in the trafo data: fix them or drop them")
     log.info("label means %s, stds %s", label_mean.tolist(), label_std.tolist())
-    return Trafo(parameters, label_mean, label_std, logs, input_mean, input_std)
+    return Trafo(parameters, label_mean, label_std, logs, input_mean, input_std, input_logs)
+
+
+def log_input_mask(shape, log_inputs):
+    """Boolean mask of `shape` that is True for the features (last axis) listed in log_inputs."""
+    width = shape[-1]
+    out_of_range = [i for i in log_inputs if not 0 <= i < width]
+    if out_of_range:
+        raise ValueError(f"trafo.log_inputs: feature indices {out_of_range} outside 0..{width - 1}")
+    mask = torch.zeros(shape, dtype=torch.bool)
+    mask[..., list(log_inputs)] = True
+    return mask
+
+
+def signal_batches(paths, intrinsic_names, simulator, num_batches, batch_size, seed):
+    """Trafo batches of signals plus noise: labels of intrinsic parameters from the files,
+    extrinsic ones and noise from `simulator` (fiducial ASD), as in training."""
+    generator = seeds.generator(seed, "fit_trafo", device=simulator.device)
+    chunks = iter_chunks(paths, intrinsic_names, SIGNAL_DATASETS, batch_size, num_batches)
+    for labels, data in tqdm(chunks, total=num_batches, desc="fit_trafo", mininterval=2):
+        h_plus, h_cross = (torch.as_tensor(data[k], device=simulator.device) for k in SIGNAL_DATASETS)
+        values, inputs, _ = simulator(h_plus, h_cross, labels, generator)
+        yield values, inputs
+
+
+def observation_batches(paths, names, num_batches, batch_size):
+    """Trafo batches of ready observations, read in contiguous chunks."""
+    chunks = iter_chunks(paths, names, (OBSERVATION_DATASET,), batch_size, num_batches, kind="observations")
+    for labels, data in tqdm(chunks, total=num_batches, desc="fit_trafo", mininterval=2):
+        yield labels, data[OBSERVATION_DATASET]

@@ -21,6 +21,13 @@ STAGES = sorted(config["training"], key=lambda name: int(name.split("_")[1]))
 SPLITS = ("training", "trafo", "validation", "test")
 ENV = "../../envs/stagewise.yaml"
 TRAINING_JOB = config["local"]["training_job"]
+OBSERVATIONS = config["data"]["kind"] == "observations"
+# One SVD basis per detector for signals, one of the inputs for observations, none with svd: null.
+SVD_NAMES = (
+    []
+    if config["svd"] is None
+    else ["inputs"] if OBSERVATIONS else list(config["detectors"])
+)
 
 check_config(config)
 
@@ -39,11 +46,17 @@ def split_files(split):
 
 
 def asd_file(kind):
-    """The fiducial ASD file or the ASD-set file."""
+    """The fiducial ASD file or the ASD-set file (none for observations)."""
+    if OBSERVATIONS:
+        return []
     if config["data"]["simulate"]:
         return str(RUN / "data" / f"{kind}.h5")
     key = f"{kind}_file"
     return settings.resolve_file(config["data"][key], key)
+
+
+def svd_files():
+    return [RUN / f"svd_{name}.h5" for name in SVD_NAMES]
 
 
 def stage_dir(stage):

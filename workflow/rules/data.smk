@@ -28,5 +28,7 @@ rule count_events:
         log_file("count_events"),
     conda:
         ENV
+    params:
+        settings=settings.count_settings(config),
     script:
         "../scripts/count_events.py"

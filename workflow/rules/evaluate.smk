@@ -6,7 +6,7 @@ rule evaluate:
         test=split_files("test"),
         fiducial_asd=asd_file("fiducial_asd"),
         asd_set=asd_file("asd_set"),
-        svd=rules.build_svd.output,
+        svd=svd_files(),
     output:
         metrics=RUN / "evaluation" / "metrics.json",
         metrics_table=report(
@@ -48,5 +48,6 @@ rule evaluate:
     params:
         settings=settings.evaluation_settings(config),
         stages=STAGES,
+        svd_names=SVD_NAMES,
     script:
         "../scripts/evaluate.py"

@@ -15,18 +15,20 @@ rule fit_trafo:
         "../scripts/fit_trafo.py"
 
 
-rule build_svd:
-    input:
-        trafo=rules.fit_trafo.output[0],
-        events=split_files("training"),
-        fiducial_asd=asd_file("fiducial_asd"),
-    output:
-        **{detector: RUN / f"svd_{detector}.h5" for detector in config["detectors"]},
-    log:
-        log_file("build_svd"),
-    conda:
-        ENV
-    params:
-        settings=settings.svd_settings(config),
-    script:
-        "../scripts/build_svd.py"
+if SVD_NAMES:
+
+    rule build_svd:
+        input:
+            trafo=rules.fit_trafo.output[0],
+            events=split_files("training"),
+            fiducial_asd=asd_file("fiducial_asd"),
+        output:
+            **dict(zip(SVD_NAMES, svd_files())),
+        log:
+            log_file("build_svd"),
+        conda:
+            ENV
+        params:
+            settings=settings.svd_settings(config),
+        script:
+            "../scripts/build_svd.py"

@@ -8,7 +8,7 @@ for index, stage in enumerate(STAGES):
             f"train_{stage}"
         input:
             trafo=rules.fit_trafo.output[0],
-            svd=rules.build_svd.output,
+            svd=svd_files(),
             training=split_files("training"),
             validation=split_files("validation"),
             fiducial_asd=asd_file("fiducial_asd"),

@@ -5,4 +5,4 @@ from stagewise.steps import count_events_step
 
 log_to_file(snakemake.log[0])
 splits = {split: list(snakemake.input[split]) for split in ("training", "trafo", "validation", "test")}
-count_events_step(splits, snakemake.output[0])
+count_events_step(snakemake.params.settings, splits, snakemake.output[0])

@@ -10,7 +10,7 @@ config = {**snakemake.params.settings, "local": snakemake.config["local"]}
 inputs = dict(
     model=snakemake.input.model, histories=dict(zip(snakemake.params.stages, snakemake.input.histories)),
     trafo=snakemake.input.trafo, test_files=list(snakemake.input.test),
-    fiducial_asd=snakemake.input.fiducial_asd, asd_set=snakemake.input.asd_set,
-    svd=dict(zip(snakemake.config["detectors"], snakemake.input.svd)),
+    fiducial_asd=snakemake.input.fiducial_asd or None, asd_set=snakemake.input.asd_set or None,
+    svd=dict(zip(snakemake.params.svd_names, snakemake.input.svd)),
 )
 evaluate(config, inputs, Path(snakemake.output.metrics).parent, snakemake.threads)

@@ -13,8 +13,8 @@ config = {**snakemake.params.settings, "local": snakemake.config["local"]}
 write_yaml(snakemake.params.local_settings, config["local"])
 inputs = dict(
     training_files=list(snakemake.input.training), validation_files=list(snakemake.input.validation),
-    trafo=snakemake.input.trafo, svd=list(snakemake.input.svd), fiducial_asd=snakemake.input.fiducial_asd,
-    asd_set=snakemake.input.asd_set, previous_model=snakemake.input.previous[0] if snakemake.input.previous else None,
+    trafo=snakemake.input.trafo, svd=list(snakemake.input.svd), fiducial_asd=snakemake.input.fiducial_asd or None,
+    asd_set=snakemake.input.asd_set or None, previous_model=snakemake.input.previous[0] if snakemake.input.previous else None,
 )
 in_cluster_job = "SLURM_JOB_ID" in os.environ or "_CONDOR_JOB_AD" in os.environ
 try:

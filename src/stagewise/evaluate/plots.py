@@ -102,10 +102,12 @@ def _marginal(ax, values, weights, value_range):
 
 
 def svd_mismatch(tables, path):
-    """Mismatch of held-out whitened signals against the SVD basis size, per detector.
+    """Mismatch of held-out signals (or observations) against the SVD basis size, per basis.
 
-    tables: {detector: mismatch table of svd.mismatch_table}."""
+    tables: {detector or "inputs": mismatch table of svd.mismatch_table}; empty without SVD."""
     fig, ax = plt.subplots(figsize=(6, 4))
+    if not tables:
+        ax.text(0.5, 0.5, "no SVD basis in this run (svd: null)", ha="center", va="center")
     for i, (detector, table) in enumerate(tables.items()):
         for key, style in (("mean", "-"), ("p99", "--"), ("max", ":")):
             if key in table:

@@ -10,11 +10,10 @@ import torch
 from tqdm import tqdm
 
 from .. import seeds
-from ..data import EventBank
-from ..events import SIGNAL_DATASETS, read_events
 from ..files import atomic_path, write_json, write_text
 from ..priors import make_priors
-from ..problem import intrinsic_names, make_simulator
+from ..problem import observations
+from ..sources import make_source
 from ..svd import load_svd
 from ..trafo import Trafo
 from ..training.stage import load_model
@@ -39,26 +38,23 @@ def posterior_samples(model, trafo, strain, features, num_samples):
 
 
 def prior_stds(config, names):
-    priors = make_priors({**config["intrinsic_prior"], **config["extrinsic_prior"]})
+    known = config["intrinsic_prior"] if observations(config) else {**config["intrinsic_prior"],
+                                                                     **config["extrinsic_prior"]}
+    priors = make_priors(known)
     return {n: priors[n].std() for n in names if n in priors}
 
 
 def test_injections(config, inputs, model_stage, device):
-    """Seeded test injections: (physical parameters, network-space theta, network inputs,
-    ASD features, whitened data complex (N, D, F), ASDs (N, D, F)) and the simulator."""
-    settings = config["evaluation"]
-    simulator = make_simulator(config, inputs["test_files"][0], inputs["fiducial_asd"], inputs["asd_set"], device,
-                               config["model"]["num_asd_bands"])
-    bank = EventBank(*read_events(inputs["test_files"], intrinsic_names(config), SIGNAL_DATASETS,
-                                  limit=settings["num_injections"]), device)
-    if len(bank) < settings["num_injections"]:
-        raise ValueError(f"evaluation.num_injections: {settings['num_injections']} asked, "
-                         f"the test split holds {len(bank)} events")
+    """The source and its seeded test injections: (physical parameters, inputs, ASD features,
+    whitened data complex (N, D, F) and ASDs (N, D, F), both None for observations)."""
+    num_injections = config["evaluation"]["num_injections"]
+    source = make_source(config, inputs["test_files"][0], inputs.get("fiducial_asd"), inputs.get("asd_set"), device)
+    bank = source.bank(inputs["test_files"], limit=num_injections)
+    if len(bank) < num_injections:
+        raise ValueError(f"evaluation.num_injections: {num_injections} asked, the test split holds {len(bank)} events")
     generator = seeds.generator(config["seed"], "evaluation", device=device)
-    parameters, whitened, features, asds = simulator.draw(bank.h_plus, bank.h_cross, bank.labels, generator,
-                                                          config["training"][model_stage]["asd"])
-    data = torch.complex(whitened[:, :, 0].double(), whitened[:, :, 1].double())
-    return parameters, whitened, features, data, asds, simulator
+    index = torch.arange(len(bank), device=device)
+    return source, source.injections(bank, index, generator, config["training"][model_stage]["asd"])
 
 
 def evaluate(config, inputs, outdir, threads=1):
@@ -74,8 +70,8 @@ def evaluate(config, inputs, outdir, threads=1):
     model.eval()
     trafo = Trafo.load(inputs["trafo"])
     names = config["inference_parameters"]
-    parameters, whitened, features, data, asds, simulator = test_injections(config, inputs, state["stage"], device)
-    theta, strain = trafo.labels_to_network(parameters), trafo.inputs_to_network(whitened)
+    source, (parameters, raw_inputs, features, data, asds) = test_injections(config, inputs, state["stage"], device)
+    theta, strain = trafo.labels_to_network(parameters), trafo.inputs_to_network(raw_inputs)
     with torch.no_grad():
         test_loss = float(model.loss(theta, strain, features))
     torch.manual_seed(seeds.derived_seed(config["seed"], "evaluation", "sampling"))
@@ -102,7 +98,8 @@ def evaluate(config, inputs, outdir, threads=1):
         metrics["importance_sampling"] = {"skipped": reason}
         table = pd.DataFrame(columns=["injection", "efficiency", "log_evidence", "log_evidence_std"])
     else:
-        log_w = importance_sample(ImportanceSampler(config, plan, simulator), samples, log_q, data.cpu(), asds.cpu())
+        log_w = importance_sample(ImportanceSampler(config, plan, source.simulator), samples, log_q, data.cpu(),
+                                  asds.cpu())
         table = pd.DataFrame([summary(row) for row in log_w], columns=["efficiency", "log_evidence", "log_evidence_std"])
         table.insert(0, "injection", range(len(table)))
         weights = normalised_weights(log_w)
@@ -139,6 +136,6 @@ def make_plots(config, inputs, outdir, samples, weights, truths, levels, pvalues
     shown = config["evaluation"]["num_plot_events"]
     plots.corner_plots(samples[:shown], None if weights is None else weights[:shown], truths[:shown], names,
                        outdir / "corner.png")
-    tables = {detector: load_svd(path)[1] for detector, path in inputs["svd"].items()}
+    tables = {name: load_svd(path)[1] for name, path in inputs["svd"].items()}
     plots.svd_mismatch(tables, outdir / "svd_mismatch.png")
     plots.label_distributions(truths, theta, names, outdir / "label_distributions.png")

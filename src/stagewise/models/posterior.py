@@ -11,11 +11,13 @@ from .embedding import EmbeddingNet
 
 
 def spline_flow(num_parameters, context_dim, num_transforms, hidden_dim, num_blocks, num_bins, tail_bound):
-    """Coupling rational-quadratic splines alternating with random permutations and LU layers."""
+    """Coupling rational-quadratic splines with alternating masks, each after an LU layer.
+
+    No random permutations: with them, the couplings can all land on the same parameter
+    (likely with 2 parameters), which the data then never informs."""
     steps = []
     for i in range(num_transforms):
         steps += [
-            transforms.RandomPermutation(num_parameters),
             transforms.LULinear(num_parameters, identity_init=True),
             transforms.PiecewiseRationalQuadraticCouplingTransform(
                 mask=create_alternating_binary_mask(num_parameters, even=i % 2 == 0),

@@ -1,4 +1,4 @@
-"""One training stage of the posterior model on signals plus noise: data, model, optimizer, run."""
+"""One training stage of the posterior model: data source, model, optimizer, run."""
 
 import logging
 
@@ -7,12 +7,10 @@ import torch
 
 from .. import seeds
 from ..config import fingerprint, stage_settings
-from ..data import EventBank
-from ..events import SIGNAL_DATASETS, read_events
 from ..files import write_text
 from ..models.posterior import PosteriorModel
-from ..problem import intrinsic_names, make_simulator
 from ..provenance import provenance
+from ..sources import make_source
 from ..svd import load_svd
 from ..trafo import Trafo
 from . import checkpoints
@@ -24,34 +22,28 @@ log = logging.getLogger(__name__)
 PROJECTION_SCALE_SAMPLES = 4096
 
 
-def architecture(config, simulator, svd_size):
+def architecture(config, source, first_layer_size):
     return dict(
-        num_detectors=len(simulator.detectors.names), num_inputs=2 * len(simulator.frequencies),
-        svd_size=svd_size, num_asd_features=simulator.num_asd_features,
+        num_detectors=source.num_channels, num_inputs=source.num_inputs,
+        svd_size=first_layer_size, num_asd_features=source.num_asd_features,
         num_parameters=len(config["inference_parameters"]),
         embedding=config["model"]["embedding"], flow=config["model"]["flow"],
     )
 
 
-def batch_maker(bank, simulator, trafo, asd):
-    """A function index -> (theta, strain, asd features) in network space, drawing from a generator."""
-    def make(index, generator):
-        h_plus, h_cross, labels = bank.take(index)
-        parameters, inputs, features = simulator(h_plus, h_cross, labels, generator, asd)
-        return trafo.labels_to_network(parameters), trafo.inputs_to_network(inputs), features
-    return make
-
-
-def new_model(config, simulator, trafo, svd_files, bank):
-    """Stage 0's model: seeded weights, SVD-seeded first layer, projection scale from data."""
+def new_model(config, source, trafo, svd_files, bank):
+    """Stage 0's model: seeded weights, first layer seeded by the SVD bases (or, without
+    SVD, an ordinary layer as wide as the first hidden layer), projection scale from data."""
     bases = [load_svd(path)[0] for path in svd_files]
+    first_layer_size = bases[0].shape[1] if bases else config["model"]["embedding"]["hidden_dims"][0]
     torch.manual_seed(seeds.derived_seed(config["seed"], "model"))
-    model = PosteriorModel(architecture(config, simulator, bases[0].shape[1])).to(simulator.device)
-    model.embedding.seed_svd(bases)
-    make = batch_maker(bank, simulator, trafo, "fiducial")
+    model = PosteriorModel(architecture(config, source, first_layer_size)).to(source.device)
+    if bases:
+        model.embedding.seed_svd(bases)
+    make = source.batch_maker(bank, trafo, "fiducial")
     count = min(PROJECTION_SCALE_SAMPLES, len(bank))
-    _, strain, _ = make(torch.arange(count), seeds.generator(config["seed"], "projection_scale",
-                                                             device=simulator.device))
+    _, strain, _ = make(torch.arange(count, device=source.device),
+                        seeds.generator(config["seed"], "projection_scale", device=source.device))
     with torch.no_grad():
         scale = model.embedding.project(strain).std(0).clamp_min(1e-3)
         model.embedding.projection_scale.copy_(scale)
@@ -106,19 +98,17 @@ def train_stage(config, stage, inputs, outputs, checkpoint_dir, threads=1, plann
     local = config["local"]
     settings = config["training"][stage]
     device = torch.device(local["device"])
-    simulator = make_simulator(config, inputs["training_files"][0], inputs["fiducial_asd"], inputs["asd_set"], device,
-                               config["model"]["num_asd_bands"])
+    source = make_source(config, inputs["training_files"][0], inputs.get("fiducial_asd"), inputs.get("asd_set"),
+                         device)
     trafo = Trafo.load(inputs["trafo"])
-    names = intrinsic_names(config)
-    bank = EventBank(*read_events(inputs["training_files"], names, SIGNAL_DATASETS), device)
-    validation = EventBank(*read_events(inputs["validation_files"], names, SIGNAL_DATASETS), device)
+    bank, validation = source.bank(inputs["training_files"]), source.bank(inputs["validation_files"])
     if inputs["previous_model"] is None:
-        model = new_model(config, simulator, trafo, inputs["svd"], bank)
+        model = new_model(config, source, trafo, inputs["svd"], bank)
     else:
         model, _ = load_model(inputs["previous_model"], device)
     model.embedding.freeze_svd(settings["freeze_svd"])
     optimizer, scheduler = make_optimizer(model, settings, settings["epochs"])
-    train_batch, valid_batch = (batch_maker(b, simulator, trafo, settings["asd"]) for b in (bank, validation))
+    train_batch, valid_batch = (source.batch_maker(b, trafo, settings["asd"]) for b in (bank, validation))
 
     def train_batches(epoch):
         generator = seeds.generator(config["seed"], stage, "epoch", epoch, device=device)
