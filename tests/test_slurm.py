@@ -23,7 +23,8 @@ from conftest import REPO, copy_workflow, snakemake, system_up
 
 OVERRIDES = {
     "local": {"threads": 1, "training_job": {"mem_mb": 2000, "runtime": 1}},
-    "training": {"stage_0": {"epochs": 300, "batch_size": 10}},
+    # About 80 s of training here (0.36 s per epoch): more than one 1-minute job, less than two.
+    "training": {"stage_0": {"epochs": 220, "batch_size": 10}},
 }
 
 
@@ -55,8 +56,10 @@ def test_pipeline_on_slurm_resumes_after_time_limit_to_the_local_result(slurm, t
         cwd=local, env=dict(os.environ, CONDOR_CONFIG="/dev/null"), stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL)
     cluster = copy_workflow(tmp_path / "cluster")
-    # Status checks sooner and more often than in production: only to make the test faster.
-    result = snakemake(cluster, "--profile", "profiles/slurm", "--slurm-init-seconds-before-status-checks", "5",
+    # Status checks sooner than in production, only to make the test faster: the plugin checks
+    # this many seconds after a submission or a finished job, then 10 s later after each check
+    # that found nothing finished.
+    result = snakemake(cluster, "--profile", "profiles/slurm", "--slurm-init-seconds-before-status-checks", "1",
                        "--seconds-between-status-checks", "2", overrides=OVERRIDES, check=False)
     assert reference.wait(timeout=600) == 0
     assert result.returncode == 0, result.output[-4000:]

@@ -38,7 +38,8 @@ class SignalSource:
     def batch_maker(self, bank, trafo, asd):
         """A function (index, generator) -> (theta, network inputs, ASD features)."""
         def make(index, generator):
-            parameters, inputs, features, _, _ = self.injections(bank, index, generator, asd)
+            labels, data = bank.take(index)
+            parameters, inputs, features = self.simulator(data["h_plus"], data["h_cross"], labels, generator, asd)
             return trafo.labels_to_network(parameters), trafo.inputs_to_network(inputs), features
         return make
 
