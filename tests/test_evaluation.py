@@ -64,7 +64,7 @@ def test_phase_marginalised_likelihood_is_the_mean_likelihood_over_the_phase():
 
 def ringdown_config(inference_parameters, **extrinsic):
     return {
-        "data": {"simulate": True},
+        "data": {"kind": "signals", "simulate": True},
         "inference_parameters": inference_parameters,
         "intrinsic_prior": NARROW_PRIOR,
         "extrinsic_prior": {**EXTRINSIC_PRIOR, "snr": {"distribution": "uniform", "low": 5.0, "high": 20.0},
@@ -80,7 +80,7 @@ def ringdown_config(inference_parameters, **extrinsic):
      "'time' is neither inferred nor fixed"),
     (ringdown_config(["f0", "tau", "snr"], phase={"distribution": "uniform", "low": 0.0, "high": 1.0}),
      "'phase' is neither inferred nor fixed"),
-    (ringdown_config(["f0", "tau", "snr"]) | {"data": {"simulate": False}}, "the event files are the user's own"),
+    (ringdown_config(["f0", "tau", "snr"]) | {"data": {"kind": "signals", "simulate": False}}, "the event files are the user's own"),
 ], ids=["default", "phase inferred", "snr free", "time free", "partial phase", "user data"])
 def test_likelihood_plan_marginalises_only_a_full_period_phase(config, expected):
     plan, reason = likelihood_plan(config)

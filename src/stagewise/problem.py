@@ -20,9 +20,18 @@ def intrinsic_names(config):
     return [p for p in config["inference_parameters"] if p not in config["extrinsic_prior"]]
 
 
+def prior_specs(config):
+    """Config entries of the priors an inference parameter can have: the label priors
+    (`intrinsic_prior`) for observations, `intrinsic_prior` and `extrinsic_prior` for signals."""
+    if observations(config):
+        return config["intrinsic_prior"]
+    return {**config["intrinsic_prior"], **config["extrinsic_prior"]}
+
+
 def label_priors(config):
     """{name: Prior} of the labels that the event files must hold."""
-    return {name: make_priors({name: config["intrinsic_prior"][name]})[name] for name in intrinsic_names(config)}
+    specs = prior_specs(config)
+    return make_priors({name: specs[name] for name in intrinsic_names(config)})
 
 
 def make_simulator(config, event_file, fiducial_asd_file, asd_set_file=None, device="cpu", num_asd_bands=1):
@@ -41,8 +50,7 @@ def make_simulator(config, event_file, fiducial_asd_file, asd_set_file=None, dev
 def check_config(config):
     """What the schema cannot say: priors are valid, each inference parameter has one, log labels
     are inference parameters, stages are numbered 0, 1, ..., the simulation fits the detectors."""
-    known = config["intrinsic_prior"] if observations(config) else {**config["intrinsic_prior"],
-                                                                       **config["extrinsic_prior"]}
+    known = prior_specs(config)
     make_priors(known)
     for name in config["inference_parameters"]:
         if name not in known:

@@ -29,6 +29,7 @@ class Trafo:
         self.input_std = torch.as_tensor(input_std, dtype=torch.float32)
         self.log_inputs = (torch.zeros_like(self.input_mean, dtype=torch.bool) if log_inputs is None
                            else torch.as_tensor(log_inputs, dtype=torch.bool))
+        self._any_log_input = bool(self.log_inputs.any())  # decided once, not per batch
 
     def labels_to_network(self, parameters):
         """{name: float64 (B,)} -> float32 (B, P) in network space."""
@@ -52,7 +53,7 @@ class Trafo:
 
     def inputs_to_network(self, inputs):
         """Inputs (B, ...) as the network sees them, float32."""
-        if self.log_inputs.any():
+        if self._any_log_input:
             logs = self.log_inputs.to(inputs.device)
             inputs = torch.where(logs, torch.log(inputs.clamp_min(1e-30)), inputs)
         return ((inputs - self.input_mean.to(inputs.device)) / self.input_std.to(inputs.device)).to(torch.float32)

@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from ..priors import make_priors
+from ..problem import prior_specs
 from ..simulate.likelihood import log_likelihood, phase_marginalised_log_likelihood
 
 LIKELIHOOD_PARAMETERS = ("f0", "tau", "snr", "phase", "time")
@@ -24,7 +25,7 @@ def likelihood_plan(config):
     "marginalised" | fixed value}, None), or (None, the reason importance sampling cannot run)."""
     if not config["data"]["simulate"]:
         return None, "the event files are the user's own: stagewise knows no likelihood for them"
-    priors = {**config["intrinsic_prior"], **config["extrinsic_prior"]}
+    priors = prior_specs(config)
     plan = {}
     for name in LIKELIHOOD_PARAMETERS:
         spec = priors.get(name)
@@ -50,7 +51,7 @@ class ImportanceSampler:
         self.names = list(config["inference_parameters"])
         self.plan = plan
         self.simulator = simulator
-        known = {**config["intrinsic_prior"], **config["extrinsic_prior"]}
+        known = prior_specs(config)
         self.priors = make_priors({name: known[name] for name in self.names})
 
     def log_weights(self, samples, log_q, whitened_data, asd):

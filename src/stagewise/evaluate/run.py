@@ -12,7 +12,7 @@ from tqdm import tqdm
 from .. import seeds
 from ..files import atomic_path, write_json, write_text
 from ..priors import make_priors
-from ..problem import observations
+from ..problem import prior_specs
 from ..sources import make_source
 from ..svd import load_svd
 from ..trafo import Trafo
@@ -38,9 +38,7 @@ def posterior_samples(model, trafo, strain, features, num_samples):
 
 
 def prior_stds(config, names):
-    known = config["intrinsic_prior"] if observations(config) else {**config["intrinsic_prior"],
-                                                                     **config["extrinsic_prior"]}
-    priors = make_priors(known)
+    priors = make_priors(prior_specs(config))
     return {n: priors[n].std() for n in names if n in priors}
 
 
