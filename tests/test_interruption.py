@@ -20,7 +20,11 @@ import yaml
 
 from conftest import copy_workflow, snakemake
 
-LONG_STAGE = {"training": {"stage_0": {"epochs": 8, "batch_size": 10}}}
+# Blocks of 25 events shuffled in buffers of about 50 (0.1 MB): the order of a split larger than memory.
+LONG_STAGE = {"training": {"stage_0": {"epochs": 8, "batch_size": 10}},
+              "data": {"shuffle": {"block_events": 25, "buffer_mb": 0.1}}}
+# Below the training (0.8 MB) and validation (0.4 MB) splits: both are streamed from their files.
+STREAMED = {**LONG_STAGE, "local": {"memory_limit_mb": 0.3}}
 MODEL = "results/tiny/stage_0/model_stage_0.pt"
 CHECKPOINTS = "results/tiny/checkpoints/stage_0"
 LOG = "results/tiny/logs/train_stage_0.log"
@@ -154,6 +158,24 @@ def test_a_stop_signal_checkpoints_mid_epoch_exits_75_and_the_rerun_resumes(prep
     if state["partial_epoch"] is not None:  # the signal landed inside an epoch, not in its validation
         assert 0 < state["partial_epoch"]["batches"]["step"] < 40
     snakemake(workdir, "train_stage_0", overrides=LONG_STAGE)
+    assert "resuming from" in (workdir / LOG).read_text()
+    assert_same_model(workdir, reference)
+
+
+def test_streamed_splits_stop_mid_epoch_resume_and_give_the_in_memory_model(prepared, reference):
+    """With both splits larger than local.memory_limit_mb (the reference held them in memory),
+    SIGTERM mid-epoch and a rerun give the reference model bit for bit."""
+    workdir = prepared
+    (workdir / "overrides.yaml").write_text(yaml.safe_dump(STREAMED))
+    process = start_training(workdir)
+    assert wait_for(lambda: "epoch 2/8" in (workdir / LOG).read_text() if training_started(workdir) else False,
+                    process)
+    os.kill(training_process(workdir), signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert "returned non-zero exit status 75" in output
+    log = (workdir / LOG).read_text()
+    assert log.count("exceed local.memory_limit_mb (0.3 MB): streaming") == 2
+    snakemake(workdir, "train_stage_0", overrides=STREAMED)
     assert "resuming from" in (workdir / LOG).read_text()
     assert_same_model(workdir, reference)
 

@@ -78,8 +78,11 @@ def test_nothing_is_planned_after_a_full_run(tiny_run):
         ({"local": {"device": "cuda"}}, set()),
         ({"local": {"threads": 1}}, set()),
         ({"local": {"checkpoint_epochs": 7}}, set()),
+        ({"local": {"memory_limit_mb": 4096}}, set()),
+        ({"data": {"shuffle": {"block_events": 100}}}, {"train_stage_0", "train_stage_1", "evaluate"}),
     ],
-    ids=["stage_1 lr", "stage_0 epochs", "svd size", "trafo log", "evaluation", "device", "threads", "checkpoints"],
+    ids=["stage_1 lr", "stage_0 epochs", "svd size", "trafo log", "evaluation", "device", "threads", "checkpoints",
+         "memory limit", "shuffle blocks"],
 )
 def test_a_config_change_plans_exactly_the_steps_it_touches(tiny_run, overrides, expected):
     planned = planned_jobs(snakemake(tiny_run[0], "-n", overrides=overrides).output)
@@ -100,9 +103,11 @@ def test_a_config_change_plans_exactly_the_steps_it_touches(tiny_run, overrides,
          "data.fiducial_asd_file: file not found: x.h5"),
         ({"simulation": {"asd": {"levels": [1.0]}}}, "simulation.asd.levels: 1 level(s) for 2 detectors"),
         ({"intrinsic_prior": {"f0": {"low": 300.0}}}, "prior f0: low (300.0) must be below high (250.0)"),
+        ({"local": {"memory_limit_mb": 1000}}, "data.shuffle.buffer_mb: 1024 MB must be at most half of "
+         "local.memory_limit_mb (1000 MB)"),
     ],
     ids=["unknown key", "unknown nested key", "wrong type", "unknown distribution", "unknown parameter", "empty glob",
-         "missing asd file", "levels per detector", "prior bounds"],
+         "missing asd file", "levels per detector", "prior bounds", "shuffle buffer"],
 )
 def test_an_invalid_config_stops_the_run_naming_the_key(tmp_path, overrides, message):
     result = snakemake(copy_workflow(tmp_path), "-n", overrides=overrides, check=False)
@@ -158,6 +163,6 @@ def test_every_artefact_carries_its_settings_and_provenance(tiny_run):
 
 def test_local_settings_are_saved_beside_the_results(tiny_run):
     saved = yaml.safe_load((tiny_run[0] / "results" / "tiny" / "local_settings.yaml").read_text())
-    assert saved == {"device": "cpu", "threads": 2, "checkpoint_epochs": 1,
+    assert saved == {"device": "cpu", "threads": 2, "checkpoint_epochs": 1, "memory_limit_mb": 8192,
                      "runtime_limits": {"max_time_per_run": None, "max_epochs_per_run": None},
                      "training_job": {"gpus": 1, "mem_mb": 16000, "runtime": 1440, "stop_margin": 300}}

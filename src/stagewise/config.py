@@ -82,7 +82,9 @@ def svd_settings(config):
 
 
 def stage_settings(config, stage):
-    return _pick(config, (*PROBLEM_KEYS, "model")) | {"training": {stage: config["training"][stage]}}
+    settings = _pick(config, (*PROBLEM_KEYS, "model")) | {"training": {stage: config["training"][stage]}}
+    settings["data"]["shuffle"] = config["data"]["shuffle"]
+    return settings
 
 
 def evaluation_settings(config):

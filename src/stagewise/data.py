@@ -7,12 +7,17 @@ from the ASD set) and fresh white noise is added. All of it runs on the training
 device, in the order: extrinsic parameters, ASD indices, noise.
 """
 
+import logging
+
 import numpy as np
 import torch
 
 from .detectors import optimal_snr
+from .events import open_event_file, read_events, split_layout
 from .priors import sample_priors
 from .training.batches import EpochBatches
+
+log = logging.getLogger(__name__)
 
 
 def band_matrix(num_bins, num_bands):
@@ -71,14 +76,52 @@ class StrainSimulator:
         return parameters, inputs, features, asds
 
 
+class EpochOrder:
+    """The order of a split's events in each epoch, shuffled in buffers of whole blocks.
+
+    The split is cut into blocks of `block_events` contiguous events (a block never
+    crosses a file). An epoch permutes the blocks, groups them into buffers of
+    `buffer_blocks` blocks and permutes the events within each buffer; a split that
+    fits one buffer is simply permuted as a whole. The order depends only on the
+    generator and these sizes, never on what is held in memory.
+    """
+
+    def __init__(self, sizes, block_events, buffer_blocks):
+        self.blocks = [(file, start, min(start + block_events, n))
+                       for file, n in enumerate(sizes) for start in range(0, n, block_events)]
+        self.offsets = np.concatenate(([0], np.cumsum(sizes)))
+        self.starts = torch.tensor([self.offsets[f] + a for f, a, _ in self.blocks] + [self.offsets[-1]])
+        self.buffer_blocks = buffer_blocks
+
+    def __len__(self):
+        return int(self.offsets[-1])
+
+    def batches(self, batch_size, generator):
+        """Index tensors of one epoch (the last may be short), drawn from `generator`."""
+        device = generator.device
+        if self.buffer_blocks >= len(self.blocks):
+            return torch.split(torch.randperm(len(self), generator=generator, device=device), batch_size)
+        parts = []
+        for group in torch.randperm(len(self.blocks), generator=generator, device=device).split(self.buffer_blocks):
+            index = torch.cat([torch.arange(self.starts[b], self.starts[b + 1], device=device) for b in group.tolist()])
+            parts.append(index[torch.randperm(len(index), generator=generator, device=device)])
+        return torch.split(torch.cat(parts), batch_size)
+
+
+def _as_tensors(labels, data, device):
+    """labels as float64, complex data as complex64 and real data as float32, on `device`."""
+    return ({k: torch.as_tensor(v, dtype=torch.float64, device=device) for k, v in labels.items()},
+            {k: torch.as_tensor(v, dtype=torch.complex64 if np.iscomplexobj(v) else torch.float32, device=device)
+             for k, v in data.items()})
+
+
 class EventBank:
     """Events held in memory on the training device: labels {name: float64 (N,)} and data
     {name: (N, ...)}, complex arrays as complex64 and real ones as float32."""
 
-    def __init__(self, labels, data, device):
-        self.labels = {k: torch.as_tensor(v, dtype=torch.float64, device=device) for k, v in labels.items()}
-        self.data = {k: torch.as_tensor(v, dtype=torch.complex64 if np.iscomplexobj(v) else torch.float32,
-                                        device=device) for k, v in data.items()}
+    def __init__(self, labels, data, device, order=None):
+        self.labels, self.data = _as_tensors(labels, data, device)
+        self.order = order or EpochOrder([len(self)], max(len(self), 1), 1)
 
     def __len__(self):
         return next(iter(self.data.values())).shape[0]
@@ -89,10 +132,90 @@ class EventBank:
 
     def epoch(self, batch_size, generator, make_batch):
         """The batches of one epoch in the random order of `generator`: a sized iterable of make_batch(index, generator)."""
-        return EpochBatches(self.batches(batch_size, generator), make_batch, generator)
+        return EpochBatches([i.to(self.device) for i in self.order.batches(batch_size, generator)], make_batch,
+                            generator)
 
-    def batches(self, batch_size, generator):
-        """Index tensors of one epoch in the random order of `generator` (the last may be short)."""
-        device = next(iter(self.data.values())).device
-        order = torch.randperm(len(self), generator=generator, device=generator.device).to(device)
-        return torch.split(order, batch_size)
+    @property
+    def device(self):
+        return next(iter(self.data.values())).device
+
+
+class StreamedEventBank(EventBank):
+    """Events read from their files block by block, for a split larger than memory.
+
+    `take` reads the blocks an index needs with contiguous h5py reads and keeps up to
+    `capacity` blocks (one shuffle buffer); when more are needed, the blocks the index
+    does not touch are dropped, so a batch that spans two buffers holds at most two.
+    Batches are the same as an EventBank's of the same files and order.
+    """
+
+    def __init__(self, paths, labels, data_keys, order, capacity, device):
+        self.paths, self.label_names, self.data_keys = list(paths), list(labels), list(data_keys)
+        self.order, self.capacity, self._device = order, capacity, torch.device(device)
+        self.starts = order.starts.to(self._device)
+        self.cache = {}
+        self.reads = 0
+        with open_event_file(self.paths[0]) as f:
+            _, first = _as_tensors({}, {k: f["data"][k][:1] for k in self.data_keys}, "cpu")
+        self.shapes = {k: v.shape[1:] for k, v in first.items()}
+        self.dtypes = {k: v.dtype for k, v in first.items()}
+
+    def __len__(self):
+        return len(self.order)
+
+    @property
+    def device(self):
+        return self._device
+
+    def take(self, index):
+        block = torch.searchsorted(self.starts, index, right=True) - 1
+        needed = torch.unique(block).tolist()
+        missing = [b for b in needed if b not in self.cache]
+        if len(self.cache) + len(missing) > self.capacity:
+            self.cache = {b: v for b, v in self.cache.items() if b in needed}
+        for b, tensors in zip(missing, self._read(missing)):
+            self.cache[b] = tensors
+        labels = {k: torch.empty(len(index), dtype=torch.float64, device=self.device) for k in self.label_names}
+        data = {k: torch.empty((len(index), *self.shapes[k]), dtype=self.dtypes[k], device=self.device)
+                for k in self.data_keys}
+        for b in needed:
+            where = block == b
+            local = index[where] - self.starts[b]
+            block_labels, block_data = self.cache[b]
+            for out, source in ((labels, block_labels), (data, block_data)):
+                for k in out:
+                    out[k][where] = source[k][local]
+        return labels, data
+
+    def _read(self, blocks):
+        """[(labels, data)] of the given blocks as tensors, one contiguous read per dataset and block."""
+        out = {}
+        by_file = {}
+        for b in blocks:
+            by_file.setdefault(self.order.blocks[b][0], []).append(b)
+        for file, group in by_file.items():
+            with open_event_file(self.paths[file]) as f:
+                for b in group:
+                    _, start, stop = self.order.blocks[b]
+                    out[b] = _as_tensors({k: f["labels"][k][start:stop] for k in self.label_names},
+                                         {k: f["data"][k][start:stop] for k in self.data_keys}, self.device)
+                    self.reads += 1
+        return [out[b] for b in blocks]
+
+
+def event_bank(paths, labels, data_keys, shuffle, memory_limit_mb, device):
+    """The events of a training or validation split: in memory when they take at most
+    `memory_limit_mb`, otherwise streamed from the files in blocks.
+
+    shuffle: {block_events, buffer_mb} (config `data.shuffle`); streaming holds at most two
+    shuffle buffers at once."""
+    sizes, event_bytes = split_layout(paths, labels, data_keys)
+    buffer_blocks = max(1, int(shuffle["buffer_mb"] * 2**20 // (shuffle["block_events"] * event_bytes)))
+    order = EpochOrder(sizes, shuffle["block_events"], buffer_blocks)
+    total_mb = sum(sizes) * event_bytes / 2**20
+    if total_mb <= memory_limit_mb:
+        return EventBank(*read_events(paths, labels, data_keys), device, order)
+    log.info("%.0f MB of events in %d files exceed local.memory_limit_mb (%s MB): streaming them in blocks of %d "
+             "events, shuffled in buffers of %d blocks", total_mb, len(paths), memory_limit_mb,
+             shuffle["block_events"], buffer_blocks)
+    return StreamedEventBank(paths, labels, data_keys, order, buffer_blocks, device)

@@ -48,7 +48,7 @@ def write_event_file(path, labels, data, kind, frequencies=None, attrs=None):
             f.create_dataset("frequencies", data=np.asarray(frequencies, dtype=np.float64))
 
 
-def _open(path):
+def open_event_file(path):
     try:
         return h5py.File(path, "r")
     except FileNotFoundError:
@@ -92,7 +92,7 @@ def _check_layout(f, path, kind):
 
 def count_events(path, kind="signals"):
     """Number of events in one file, from metadata only."""
-    with _open(path) as f:
+    with open_event_file(path) as f:
         return _check_layout(f, path, kind)[0]
 
 
@@ -106,7 +106,7 @@ def count_splits(splits, kind="signals"):
             raise EventFileError(f"split '{split}': no event files given")
         per_file = {}
         for path in paths:
-            with _open(path) as f:
+            with open_event_file(path) as f:
                 per_file[str(path)], shape = _check_layout(f, path, kind)
             first = first or (path, shape)
             if shape != first[1]:
@@ -122,7 +122,7 @@ def count_splits(splits, kind="signals"):
 def check_values(path, priors, kind="signals"):
     """Labels finite and inside their priors ({name: priors.Prior}); for observations also finite
     inputs. Reads in contiguous chunks; EventFileError naming the dataset, the count and the first index."""
-    with _open(path) as f:
+    with open_event_file(path) as f:
         for name, prior in priors.items():
             if name not in f["labels"]:
                 raise EventFileError(f"{path}: missing dataset '/labels/{name}'")
@@ -150,8 +150,21 @@ def _check_chunks(path, name, dataset, prior):
         raise EventFileError(f"{path}: '/{name}' holds NaN or inf in {count} event(s), the first at event {first}")
 
 
+def split_layout(paths, labels, data_keys):
+    """(events per file, bytes per event in memory), from metadata: labels count as float64,
+    complex data as complex64 and real data as float32."""
+    sizes, event_bytes = [], 8 * len(labels)
+    for path in paths:
+        with open_event_file(path) as f:
+            datasets = [f["data"][k] for k in data_keys]
+            sizes.append(datasets[0].shape[0])
+            if len(sizes) == 1:
+                event_bytes += sum(int(np.prod(d.shape[1:])) * (8 if d.dtype.kind == "c" else 4) for d in datasets)
+    return sizes, event_bytes
+
+
 def read_frequencies(path):
-    with _open(path) as f:
+    with open_event_file(path) as f:
         return f["frequencies"][()]
 
 
@@ -165,7 +178,7 @@ def read_events(paths, labels, data_keys, limit=None):
     for path in paths:
         if remaining <= 0:
             break
-        with _open(path) as f:
+        with open_event_file(path) as f:
             for group, names in (("labels", labels), ("data", data_keys)):
                 for name in names:
                     if name not in f.get(group, {}):
@@ -200,7 +213,7 @@ def iter_chunks(paths, labels, data_keys, chunk_size, num_chunks, kind="signals"
     buffer = {key: [] for key in keys}
     buffered = emitted = 0
     for path in paths:
-        with _open(path) as f:
+        with open_event_file(path) as f:
             n = f["data"][data_keys[0]].shape[0]
             for start in range(0, n, chunk_size):
                 for group, name in keys:

@@ -65,6 +65,10 @@ def check_config(config):
     expected = [f"stage_{i}" for i in range(len(config["training"]))]
     if sorted(config["training"], key=lambda s: int(s.split("_")[1])) != expected:
         raise ValueError(f"training: stages must be named {', '.join(expected)}; found {', '.join(config['training'])}")
+    if 2 * config["data"]["shuffle"]["buffer_mb"] > config["local"]["memory_limit_mb"]:
+        raise ValueError(f"data.shuffle.buffer_mb: {config['data']['shuffle']['buffer_mb']} MB must be at most half "
+                         f"of local.memory_limit_mb ({config['local']['memory_limit_mb']} MB): streaming holds up "
+                         "to two buffers")
     if observations(config):
         check_observations_config(config)
     elif config["svd"] is None:

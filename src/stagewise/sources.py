@@ -7,15 +7,30 @@ stage runner, the model and the evaluation need nothing else of the kind of data
 
 import torch
 
-from .data import EventBank
+from .data import EventBank, event_bank
 from .events import OBSERVATION_DATASET, SIGNAL_DATASETS, read_events
 from .problem import intrinsic_names, make_simulator, observations
 
 
-class SignalSource:
+class Source:
+    """What both kinds share: reading a split's events."""
+
+    def bank(self, files, limit=None):
+        """A training or validation split (streamed when larger than local.memory_limit_mb), or with
+        `limit` the first `limit` events in memory."""
+        if limit is not None:
+            return EventBank(*read_events(files, self.names, self.datasets, limit=limit), self.device)
+        return event_bank(files, self.names, self.datasets, self.config["data"]["shuffle"],
+                          self.config["local"]["memory_limit_mb"], self.device)
+
+
+class SignalSource(Source):
     """Noise-free signals, projected, whitened and given fresh noise for every batch."""
 
+    datasets = SIGNAL_DATASETS
+
     def __init__(self, config, event_file, fiducial_asd, asd_set, device):
+        self.config = config
         self.simulator = make_simulator(config, event_file, fiducial_asd, asd_set, device,
                                         config["model"]["num_asd_bands"])
         self.names = intrinsic_names(config)
@@ -23,9 +38,6 @@ class SignalSource:
         self.num_channels = len(self.simulator.detectors.names)
         self.num_inputs = 2 * len(self.simulator.frequencies)
         self.num_asd_features = self.simulator.num_asd_features
-
-    def bank(self, files, limit=None):
-        return EventBank(*read_events(files, self.names, SIGNAL_DATASETS, limit=limit), self.device)
 
     def injections(self, bank, index, generator, asd):
         """(physical parameters, inputs (B, D, 2, F), ASD features, whitened data complex (B, D, F), ASDs)."""
@@ -44,22 +56,21 @@ class SignalSource:
         return make
 
 
-class ObservationSource:
+class ObservationSource(Source):
     """Network inputs and labels as stored in the event files (one channel of K features)."""
 
+    datasets = (OBSERVATION_DATASET,)
+
     def __init__(self, config, num_inputs, device):
+        self.config = config
         self.names = intrinsic_names(config)
         self.device = torch.device(device)
         self.num_channels, self.num_inputs, self.num_asd_features = 1, num_inputs, 0
 
-    def bank(self, files, limit=None):
-        labels, data = read_events(files, self.names, (OBSERVATION_DATASET,), limit=limit)
-        return EventBank(labels, {OBSERVATION_DATASET: data[OBSERVATION_DATASET][:, None, :]}, self.device)
-
     def injections(self, bank, index, generator=None, asd=None):
         """(labels, inputs (B, 1, K), empty ASD features, None, None): there is no likelihood."""
         labels, data = bank.take(index)
-        inputs = data[OBSERVATION_DATASET]
+        inputs = data[OBSERVATION_DATASET][:, None, :]
         return labels, inputs, torch.zeros(len(inputs), 0, device=inputs.device), None, None
 
     def batch_maker(self, bank, trafo, asd=None):
