@@ -37,6 +37,7 @@ def main(outdir):
     config = merged(yaml.safe_load((REPO / "config/config.yaml").read_text()),
                     yaml.safe_load((REPO / "tests/configs/tiny.yaml").read_text()))
     config = merged(config, {"local": {"device": DEVICE}, "training": {"stage_0": {"epochs": 4}}})
+    settings.validate(config, REPO / "workflow/schemas/config.schema.yaml")  # fills the stages' defaults
     data = out / "data"
     events = [data / f"{s}_{i:02d}.h5" for s, n in config["simulation"]["num_files"].items() for i in range(n)]
     fiducial, asd_set = data / "fiducial_asd.h5", data / "asd_set.h5"

@@ -9,6 +9,7 @@ import torch
 from stagewise.files import atomic_path
 from stagewise.training import checkpoints
 from stagewise.training.batches import EpochBatches
+from stagewise.training.optim import Recipe
 from stagewise.training.runner import StageStopped, run_stage
 from stagewise.training.stage import time_limit
 
@@ -44,14 +45,22 @@ def validation_batches():
     return batches(torch.Generator().manual_seed(1), num_batches=2)
 
 
-def train(checkpoint_dir, fingerprint="settings-a", epochs=EPOCHS, max_epochs_per_run=None, checkpoint_epochs=2):
-    """One process's run of the stage: model, optimizer and scheduler built afresh, then run_stage."""
+STAGE = {"epochs": EPOCHS, "optimizer": {"type": "adam", "learning_rate": 0.05}, "scheduler": {"type": "cosine"},
+         "gradient_clip": None, "ema_decay": None, "early_stopping": None}
+
+
+def train(checkpoint_dir, fingerprint="settings-a", epochs=EPOCHS, max_epochs_per_run=None, checkpoint_epochs=2,
+          settings=None, stage_model="last", monitor=None):
+    """One process's run of the stage: model and recipe (optimizer, schedule, ...) built afresh, then run_stage.
+
+    Returns (model, history); the stage model's weights and epoch are in `model.stage_model`."""
     torch.manual_seed(0)
     model = TinyModel()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    history = run_stage(model, optimizer, scheduler, train_batches, validation_batches, epochs, checkpoint_dir,
-                        fingerprint, {"stage": "stage_0"}, checkpoint_epochs, max_epochs_per_run)
+    recipe = Recipe(model, {**STAGE, "epochs": epochs, **(settings or {})})
+    history, weights, weights_epoch = run_stage(
+        recipe, train_batches, validation_batches, epochs, checkpoint_dir, fingerprint, {"stage": "stage_0"},
+        checkpoint_epochs, max_epochs_per_run, stage_model=stage_model, monitor=monitor)
+    model.stage_model = (weights, weights_epoch)
     return model, history
 
 

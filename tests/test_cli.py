@@ -38,7 +38,7 @@ def test_ls_refuses_a_file_it_does_not_know_with_one_line(tmp_path):
     result = stagewise("ls", stranger)
     assert result.returncode == 2
     assert result.stderr.strip() == f"stagewise ls: {stranger}: not a stagewise artefact (expected a .pt model " \
-                                     "or checkpoint, an HDF5 file of stagewise, or counts.yaml)"
+                                     "or checkpoint, a .keras model, an HDF5 file of stagewise, or counts.yaml)"
 
 
 def test_ls_names_a_damaged_checkpoint(tmp_path):

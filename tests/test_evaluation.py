@@ -195,7 +195,7 @@ def test_report_opens_in_headless_chromium_with_every_figure_and_the_metrics(tin
         browser.close()
 
     expected = {f"results/tiny/evaluation/{plot}.png" for plot in
-                ("loss_curves", "pp_plot", "corner", "svd_mismatch", "label_distributions")}
+                ("loss_curves", "pp_plot", "corner", "pulls", "svd_mismatch", "label_distributions")}
     assert set(sizes) == expected
     for path, size in sizes.items():
         assert isinstance(size, list) and min(size) > 100, (path, size)

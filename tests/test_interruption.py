@@ -140,9 +140,15 @@ def test_sigkill_at_random_moments_and_during_a_checkpoint_write_changes_nothing
     assert_same_model(workdir, reference)
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=lambda s: s.name)
-def test_a_stop_signal_checkpoints_mid_epoch_exits_75_and_the_rerun_resumes(prepared, reference, stop_signal):
+@pytest.mark.parametrize("stop_signal, overrides", [(signal.SIGTERM, LONG_STAGE), (signal.SIGINT, STREAMED),
+                                                    (signal.SIGUSR1, LONG_STAGE)],
+                         ids=["SIGTERM", "SIGINT-streamed", "SIGUSR1"])
+def test_a_stop_signal_checkpoints_mid_epoch_exits_75_and_the_rerun_resumes(prepared, reference, stop_signal,
+                                                                            overrides):
+    """With STREAMED, both splits exceed local.memory_limit_mb and are streamed from their files,
+    while the reference held them in memory: the resumed model must still equal it bit for bit."""
     workdir = prepared
+    (workdir / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     process = start_training(workdir)
     assert wait_for(lambda: "epoch 2/8" in (workdir / LOG).read_text() if training_started(workdir) else False,
                     process)
@@ -155,29 +161,34 @@ def test_a_stop_signal_checkpoints_mid_epoch_exits_75_and_the_rerun_resumes(prep
     state = torch.load(workdir / CHECKPOINTS / "model_latest.pt", weights_only=False)
     log = (workdir / LOG).read_text()
     assert f"received {stop_signal.name}" in log
+    assert log.count("exceed local.memory_limit_mb (0.3 MB): streaming") == (2 if overrides is STREAMED else 0)
     if state["partial_epoch"] is not None:  # the signal landed inside an epoch, not in its validation
         assert 0 < state["partial_epoch"]["batches"]["step"] < 40
-    snakemake(workdir, "train_stage_0", overrides=LONG_STAGE)
+    snakemake(workdir, "train_stage_0", overrides=overrides)
     assert "resuming from" in (workdir / LOG).read_text()
     assert_same_model(workdir, reference)
 
 
-def test_streamed_splits_stop_mid_epoch_resume_and_give_the_in_memory_model(prepared, reference):
-    """With both splits larger than local.memory_limit_mb (the reference held them in memory),
-    SIGTERM mid-epoch and a rerun give the reference model bit for bit."""
+def test_early_stopping_state_survives_a_sigkill(prepared):
+    """Patience 2 with an unreachable min_delta stops the stage after epoch 3. A SIGKILL right after
+    epoch 2's checkpoint must not reset the count of epochs without improvement: a reset would
+    make epoch 3 the best and stop only after epoch 5."""
     workdir = prepared
-    (workdir / "overrides.yaml").write_text(yaml.safe_dump(STREAMED))
+    stopping = {**LONG_STAGE, "training": {"stage_0": {**LONG_STAGE["training"]["stage_0"],
+                                                       "early_stopping": {"patience": 2, "min_delta": 1000.0}}}}
+    (workdir / "overrides.yaml").write_text(yaml.safe_dump(stopping))
     process = start_training(workdir)
-    assert wait_for(lambda: "epoch 2/8" in (workdir / LOG).read_text() if training_started(workdir) else False,
+    assert wait_for(lambda: training_started(workdir) and "epoch 2/8: train loss" in (workdir / LOG).read_text(),
                     process)
-    os.kill(training_process(workdir), signal.SIGTERM)
-    output, _ = process.communicate(timeout=60)
-    assert "returned non-zero exit status 75" in output
+    os.killpg(process.pid, signal.SIGKILL)
+    process.communicate()
+    snakemake(workdir, "--unlock", overrides=stopping)
+    snakemake(workdir, "train_stage_0", "--rerun-incomplete", overrides=stopping)
     log = (workdir / LOG).read_text()
-    assert log.count("exceed local.memory_limit_mb (0.3 MB): streaming") == 2
-    snakemake(workdir, "train_stage_0", overrides=STREAMED)
-    assert "resuming from" in (workdir / LOG).read_text()
-    assert_same_model(workdir, reference)
+    assert "at epoch 2" in log.split("resuming from")[1].splitlines()[0]
+    assert "early stopping after epoch 3: test_loss did not improve for 2 epochs" in log
+    model = torch.load(workdir / MODEL, weights_only=False)
+    assert [row["epoch"] for row in model["history"]] == [1, 2, 3]
 
 
 def test_a_second_run_on_a_training_folder_refuses_at_both_locks(prepared):

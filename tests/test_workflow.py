@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import pandas as pd
@@ -105,9 +106,16 @@ def test_a_config_change_plans_exactly_the_steps_it_touches(tiny_run, overrides,
         ({"intrinsic_prior": {"f0": {"low": 300.0}}}, "prior f0: low (300.0) must be below high (250.0)"),
         ({"local": {"memory_limit_mb": 1000}}, "data.shuffle.buffer_mb: 1024 MB must be at most half of "
          "local.memory_limit_mb (1000 MB)"),
+        ({"model": {"type": "gaussian_regression", "label_weight_dict": {"mass": 1.0}}},
+         "model.label_weight_dict: 'mass' is not an inference parameter"),
+        ({"model": {"type": "gaussian_regression"}, "training": {"stage_1": {"ema_decay": 0.99}}},
+         "training.stage_1.ema_decay: not available for model.type gaussian_regression"),
+        ({"evaluation": {"compare_runs": ["tiny"]}}, "evaluation.compare_runs: 'tiny' is this run"),
+        ({"training": {"stage_1": {"warm_start": "x.pt"}}}, "training.stage_1.warm_start: only stage_0"),
     ],
     ids=["unknown key", "unknown nested key", "wrong type", "unknown distribution", "unknown parameter", "empty glob",
-         "missing asd file", "levels per detector", "prior bounds", "shuffle buffer"],
+         "missing asd file", "levels per detector", "prior bounds", "shuffle buffer", "label weight name",
+         "ema with regression", "compare with itself", "warm start later stage"],
 )
 def test_an_invalid_config_stops_the_run_naming_the_key(tmp_path, overrides, message):
     result = snakemake(copy_workflow(tmp_path), "-n", overrides=overrides, check=False)
@@ -115,8 +123,9 @@ def test_an_invalid_config_stops_the_run_naming_the_key(tmp_path, overrides, mes
     assert message in result.output
 
 
-def test_rerunning_after_runtime_limits_resumes_to_the_same_model(tiny_run, tmp_path):
-    """Each job stops after one epoch (exit 75, a failed attempt); reruns resume from model_latest.pt."""
+def test_a_second_run_with_the_same_seed_stopped_after_every_epoch_gives_the_same_model(tiny_run, tmp_path):
+    """A second run from scratch (simulation, trafo, SVD, weights, noise: all drawn from `seed`) whose
+    jobs each stop after one epoch (exit 75, a failed attempt) and resume from model_latest.pt."""
     workdir = copy_workflow(tmp_path)
     limited = {"local": {"runtime_limits": {"max_epochs_per_run": 1}}}
     attempts = 0
@@ -163,6 +172,25 @@ def test_every_artefact_carries_its_settings_and_provenance(tiny_run):
 
 def test_local_settings_are_saved_beside_the_results(tiny_run):
     saved = yaml.safe_load((tiny_run[0] / "results" / "tiny" / "local_settings.yaml").read_text())
-    assert saved == {"device": "cpu", "threads": 2, "checkpoint_epochs": 1, "memory_limit_mb": 8192,
+    assert saved == {"device": "cpu", "threads": 2, "checkpoint_epochs": 1, "memory_limit_mb": 8192, "wandb": None,
+                     "wandb_run_ids": {},
                      "runtime_limits": {"max_time_per_run": None, "max_epochs_per_run": None},
                      "training_job": {"gpus": 1, "mem_mb": 16000, "runtime": 1440, "stop_margin": 300}}
+
+
+def test_stage_0_warm_starts_from_another_runs_model_and_refuses_one_of_another_shape(tiny_run, tmp_path):
+    workdir = Path(shutil.copytree(tiny_run[0], tmp_path / "workdir", symlinks=True))
+    other = tiny_run[0] / "results/tiny/stage_1/model_stage_1.pt"
+    warm = {"training": {"stage_0": {"warm_start": str(other)}}}
+    planned = planned_jobs(snakemake(workdir, "-n", overrides=warm).output)
+    assert planned == {"train_stage_0", "train_stage_1", "evaluate", "all"}
+    snakemake(workdir, "train_stage_0", overrides=warm)
+    log = (workdir / "results/tiny/logs/train_stage_0.log").read_text()
+    assert f"stage_0 starts from the weights of {other} (epoch 2)" in log
+
+    wider = {**warm, "model": {"embedding": {"hidden_dims": [32]}}}
+    result = snakemake(workdir, "train_stage_0", overrides=wider, check=False)
+    assert result.returncode != 0
+    log = (workdir / "results/tiny/logs/train_stage_0.log").read_text()
+    assert (f"training.stage_0.warm_start: {other}: parameter 'embedding.blocks.0.inner.weight' has shape (64, 40) "
+            "there but (32, 40) in this config's model") in log

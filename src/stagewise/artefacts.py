@@ -26,8 +26,13 @@ def _provenance(attrs):
 
 
 def describe_model(path):
-    """A checkpoint or stage model (.pt)."""
-    state = checkpoints.load(path)
+    """A checkpoint or stage model (.pt), or a Keras stage model (.keras, which imports TensorFlow)."""
+    if Path(path).suffix == ".keras":
+        from .models.regression import load_model
+
+        state = load_model(path).info
+    else:
+        state = checkpoints.load(path)
     partial = state.get("partial_epoch")
     planned = state.get("planned_stages") or {}
     progress = {
@@ -105,7 +110,7 @@ def describe(path):
     path = Path(path)
     if not path.is_file():
         raise UnknownArtefact(f"{path}: no such file")
-    if path.suffix == ".pt":
+    if path.suffix in (".pt", ".keras"):
         try:
             return describe_model(path)
         except ValueError as err:
@@ -115,6 +120,6 @@ def describe(path):
     if h5py.is_hdf5(path):
         with h5py.File(path, "r") as f:
             return _describe_h5(path, f)
-    raise UnknownArtefact(f"{path}: not a stagewise artefact (expected a .pt model or checkpoint, an HDF5 file "
-                          "of stagewise, or counts.yaml)")
+    raise UnknownArtefact(f"{path}: not a stagewise artefact (expected a .pt model or checkpoint, a .keras "
+                          "model, an HDF5 file of stagewise, or counts.yaml)")
 

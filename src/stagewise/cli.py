@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from .artefacts import UnknownArtefact, describe
-from .config import schema_error
+from .config import fill_stage_defaults, schema_error
 from .training.checkpoints import append_stage, load
 
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
@@ -28,6 +28,7 @@ def _stage_settings(path):
     error = schema_error(settings, {**schema["$defs"]["stage"], "$defs": schema["$defs"]})
     if error is not None:
         raise ValueError(f"{path}: stage setting {error}")
+    fill_stage_defaults(settings, schema)
     return settings
 
 

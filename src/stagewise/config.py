@@ -19,10 +19,44 @@ def schema_error(instance, schema):
 
 
 def validate(config, schema_path):
-    """Raise ValueError with one line naming the offending key when `config` breaks the schema."""
-    error = schema_error(config, yaml.safe_load(Path(schema_path).read_text()))
+    """Raise ValueError with one line naming the offending key when `config` breaks the schema;
+    then fill in the defaults of the stages' optional keys."""
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    error = schema_error(config, schema)
     if error is not None:
         raise ValueError(f"config key {error} (schema {schema_path})")
+    for stage in config["training"].values():
+        fill_stage_defaults(stage, schema)
+
+
+def fill_stage_defaults(stage, schema):
+    """Set the optional keys of one stage's settings (and of its early_stopping) to their schema defaults,
+    and put every key in the schema's order: Snakemake compares the params of two runs as text, so the
+    same settings from differently ordered files must read the same."""
+    node = schema["$defs"]["stage"]
+    for key, spec in node["properties"].items():
+        if "default" in spec:
+            stage.setdefault(key, spec["default"])
+    if stage.get("early_stopping") is not None:
+        for key, spec in _object_branch(node["properties"]["early_stopping"])["properties"].items():
+            if "default" in spec:
+                stage["early_stopping"].setdefault(key, spec["default"])
+    _schema_order(stage, node)
+
+
+def _object_branch(spec):
+    return next((b for b in spec.get("oneOf", []) if b.get("type") == "object"), spec)
+
+
+def _schema_order(mapping, spec):
+    """Reorder `mapping` (in place, recursively) as the schema lists its properties."""
+    properties = _object_branch(spec).get("properties", {})
+    ordered = {key: mapping[key] for key in properties if key in mapping}
+    mapping.clear()
+    mapping.update(ordered)
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            _schema_order(value, properties[key])
 
 
 def canonical_json(settings):

@@ -10,11 +10,12 @@ import yaml
 
 
 @contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside `path`; rename it onto `path` if the block succeeds."""
+def atomic_path(path, suffix=".tmp"):
+    """Yield a temporary path beside `path` (ending in `suffix`, for writers that insist on one);
+    rename it onto `path` if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     try:
         yield Path(tmp)

@@ -1,15 +1,23 @@
 """What every step of a run shares: the frequency grid, detectors, priors, ASDs and the simulator."""
 
+from pathlib import Path
+
 import torch
 
 from .data import StrainSimulator
 from .detectors import Detectors, read_asd_file
 from .events import read_frequencies
 from .priors import make_priors
+from .training.optim import check_stage
 
 
 def observations(config):
     return config["data"]["kind"] == "observations"
+
+
+def is_regression(config):
+    """The TensorFlow backend (Keras Gaussian regression) instead of the torch flow."""
+    return config["model"]["type"] == "gaussian_regression"
 
 
 def intrinsic_names(config):
@@ -65,6 +73,18 @@ def check_config(config):
     expected = [f"stage_{i}" for i in range(len(config["training"]))]
     if sorted(config["training"], key=lambda s: int(s.split("_")[1])) != expected:
         raise ValueError(f"training: stages must be named {', '.join(expected)}; found {', '.join(config['training'])}")
+    if config["run"] in config["evaluation"]["compare_runs"]:
+        raise ValueError(f"evaluation.compare_runs: '{config['run']}' is this run; name other runs")
+    if is_regression(config):
+        check_regression_config(config)
+    for name, stage in config["training"].items():
+        check_stage(name, stage)
+        if stage["warm_start"] is not None:
+            if name != "stage_0":
+                raise ValueError(f"training.{name}.warm_start: only stage_0 can warm-start; later stages start "
+                                 "from the previous stage's model")
+            if not Path(stage["warm_start"]).is_file():
+                raise ValueError(f"training.stage_0.warm_start: file not found: {stage['warm_start']}")
     if 2 * config["data"]["shuffle"]["buffer_mb"] > config["local"]["memory_limit_mb"]:
         raise ValueError(f"data.shuffle.buffer_mb: {config['data']['shuffle']['buffer_mb']} MB must be at most half "
                          f"of local.memory_limit_mb ({config['local']['memory_limit_mb']} MB): streaming holds up "
@@ -85,6 +105,24 @@ def check_config(config):
         missing = {"f0", "tau"} - set(config["intrinsic_prior"])
         if missing:
             raise ValueError(f"intrinsic_prior: the simulated ringdowns need priors for {sorted(missing)}")
+
+
+def check_regression_config(config):
+    """Label weights name inference parameters and leave at least one label in the loss; the flow-only
+    stage keys are not set."""
+    model = config["model"]
+    for name in model["label_weight_dict"]:
+        if name not in config["inference_parameters"]:
+            raise ValueError(f"model.label_weight_dict: '{name}' is not an inference parameter")
+    weights = [model["label_weight_dict"].get(n, model["label_weight_initialization"])
+               for n in config["inference_parameters"]]
+    if not any(w > 0 for w in weights):
+        raise ValueError("model.label_weight_dict: every label has weight 0; at least one must count in the loss")
+    for name, stage in config["training"].items():
+        for key in ("ema_decay", "warm_start"):
+            if stage[key] is not None:
+                raise ValueError(f"training.{name}.{key}: not available for model.type gaussian_regression "
+                                 "(flow models only)")
 
 
 def check_observations_config(config):

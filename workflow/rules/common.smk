@@ -63,5 +63,11 @@ def stage_dir(stage):
     return RUN / stage
 
 
+def stage_model(stage):
+    """A stage's model file: torch (.pt) for flows, Keras (.keras) for gaussian_regression."""
+    suffix = ".keras" if config["model"]["type"] == "gaussian_regression" else ".pt"
+    return stage_dir(stage) / f"model_{stage}{suffix}"
+
+
 def log_file(name):
     return str(RUN / "logs" / f"{name}.log")

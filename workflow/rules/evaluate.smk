@@ -1,45 +1,56 @@
+# The evaluation's files: every model type writes the metrics and the common plots; the flow
+# (a posterior) also P-P, corner plots and importance sampling.
+EVALUATION = RUN / "evaluation"
+EVALUATION_OUTPUTS = dict(
+    metrics=EVALUATION / "metrics.json",
+    metrics_table=report(
+        EVALUATION / "metrics.html",
+        caption="../report/metrics.rst",
+        category="Evaluation",
+    ),
+    **{
+        name: report(
+            EVALUATION / f"{name}.png",
+            caption=f"../report/{name}.rst",
+            category="Evaluation",
+        )
+        for name in (
+            "loss_curves",
+            "pulls",
+            "svd_mismatch",
+            "label_distributions",
+        )
+    },
+)
+if config["model"]["type"] == "flow":
+    EVALUATION_OUTPUTS.update(
+        importance_sampling=EVALUATION / "importance_sampling.csv",
+        **{
+            name: report(
+                EVALUATION / f"{name}.png",
+                caption=f"../report/{name}.rst",
+                category="Evaluation",
+            )
+            for name in ("pp_plot", "corner")
+        },
+    )
+
+
 rule evaluate:
     input:
-        model=stage_dir(STAGES[-1]) / f"model_{STAGES[-1]}.pt",
+        model=stage_model(STAGES[-1]),
         histories=[stage_dir(stage) / "history.csv" for stage in STAGES],
         trafo=rules.fit_trafo.output[0],
         test=split_files("test"),
         fiducial_asd=asd_file("fiducial_asd"),
         asd_set=asd_file("asd_set"),
         svd=svd_files(),
+        compare=[
+            Path("results") / run / "evaluation" / "metrics.json"
+            for run in config["evaluation"]["compare_runs"]
+        ],
     output:
-        metrics=RUN / "evaluation" / "metrics.json",
-        metrics_table=report(
-            RUN / "evaluation" / "metrics.html",
-            caption="../report/metrics.rst",
-            category="Evaluation",
-        ),
-        importance_sampling=RUN / "evaluation" / "importance_sampling.csv",
-        loss_curves=report(
-            RUN / "evaluation" / "loss_curves.png",
-            caption="../report/loss_curves.rst",
-            category="Evaluation",
-        ),
-        pp_plot=report(
-            RUN / "evaluation" / "pp_plot.png",
-            caption="../report/pp_plot.rst",
-            category="Evaluation",
-        ),
-        corner=report(
-            RUN / "evaluation" / "corner.png",
-            caption="../report/corner.rst",
-            category="Evaluation",
-        ),
-        svd_mismatch=report(
-            RUN / "evaluation" / "svd_mismatch.png",
-            caption="../report/svd_mismatch.rst",
-            category="Evaluation",
-        ),
-        label_distributions=report(
-            RUN / "evaluation" / "label_distributions.png",
-            caption="../report/label_distributions.rst",
-            category="Evaluation",
-        ),
+        **EVALUATION_OUTPUTS,
     log:
         log_file("evaluate"),
     conda:
@@ -49,5 +60,6 @@ rule evaluate:
         settings=settings.evaluation_settings(config),
         stages=STAGES,
         svd_names=SVD_NAMES,
+        compare_runs=config["evaluation"]["compare_runs"],
     script:
         "../scripts/evaluate.py"

@@ -13,13 +13,12 @@ for index, stage in enumerate(STAGES):
             validation=split_files("validation"),
             fiducial_asd=asd_file("fiducial_asd"),
             asd_set=asd_file("asd_set"),
-            previous=(
-                [stage_dir(STAGES[index - 1]) / f"model_{STAGES[index - 1]}.pt"]
-                if index
-                else []
-            ),
+            previous=([stage_model(STAGES[index - 1])] if index else []),
+            warm_start=[
+                path for path in [config["training"][stage]["warm_start"]] if path
+            ],
         output:
-            model=stage_dir(stage) / f"model_{stage}.pt",
+            model=stage_model(stage),
             history=stage_dir(stage) / "history.csv",
         log:
             log_file(f"train_{stage}"),
@@ -37,6 +36,7 @@ for index, stage in enumerate(STAGES):
             settings=settings.stage_settings(config, stage),
             stage=stage,
             checkpoint_dir=RUN / "checkpoints" / stage,
+            tensorboard_dir=RUN / "tensorboard" / stage,
             local_settings=RUN / "local_settings.yaml",
         script:
             "../scripts/train_stage.py"

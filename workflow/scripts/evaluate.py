@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from stagewise.evaluate.run import evaluate
+from stagewise.evaluate.run import evaluate, evaluate_regression
 from stagewise.logs import log_to_file
 
 log_to_file(snakemake.log[0])
@@ -12,5 +12,7 @@ inputs = dict(
     trafo=snakemake.input.trafo, test_files=list(snakemake.input.test),
     fiducial_asd=snakemake.input.fiducial_asd or None, asd_set=snakemake.input.asd_set or None,
     svd=dict(zip(snakemake.params.svd_names, snakemake.input.svd)),
+    compare=dict(zip(snakemake.params.compare_runs, snakemake.input.compare)),
 )
-evaluate(config, inputs, Path(snakemake.output.metrics).parent, snakemake.threads)
+run = evaluate_regression if config["model"]["type"] == "gaussian_regression" else evaluate
+run(config, inputs, Path(snakemake.output.metrics).parent, snakemake.threads)

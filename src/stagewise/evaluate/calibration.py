@@ -28,3 +28,18 @@ def combined_pvalue(pvalues):
 def pp_curve(levels, grid):
     """Fraction of injections whose level is below each credible level in `grid`: (len(grid), P)."""
     return (levels[None, :, :] <= grid[:, None, None]).mean(axis=1)
+
+
+def gaussian_summary(names, truth_network, mean_network, sigma_network, truth, mean):
+    """Per label: residuals of the predicted mean in physical units, pulls and the coverage of the
+    ±1σ and ±1.96σ intervals in network (trafo) space, where a Gaussian prediction lives.
+
+    All arrays (N, P). A calibrated prediction has pull_mean 0, pull_std 1, coverage 0.68 and 0.95."""
+    pulls = (mean_network - truth_network) / sigma_network
+    residuals = mean - truth
+    return {name: {
+        "residual_mean": float(residuals[:, i].mean()), "residual_std": float(residuals[:, i].std()),
+        "pull_mean": float(pulls[:, i].mean()), "pull_std": float(pulls[:, i].std()),
+        "coverage_68": float((np.abs(pulls[:, i]) < 1.0).mean()),
+        "coverage_95": float((np.abs(pulls[:, i]) < 1.959964).mean()),
+    } for i, name in enumerate(names)}

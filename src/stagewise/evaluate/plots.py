@@ -133,3 +133,16 @@ def label_distributions(physical, network, names, path):
     fig.suptitle("Label distributions before and after the trafo")
     fig.tight_layout()
     _save(fig, path)
+
+
+def pulls(pulls_by_label, path):
+    """Histogram of the pulls (prediction − truth) / σ of each label, with the unit Gaussian."""
+    names = list(pulls_by_label)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3), squeeze=False)
+    grid = np.linspace(-4, 4, 200)
+    for ax, name in zip(axes[0], names):
+        values = np.clip(pulls_by_label[name], -4, 4)
+        ax.hist(values, bins=30, range=(-4, 4), density=True, color="C0", alpha=0.6)
+        ax.plot(grid, stats.norm.pdf(grid), color="black", linewidth=1)
+        ax.set(title=f"{name}: std {np.std(pulls_by_label[name]):.2f}", xlabel="pull")
+    _save(fig, path)

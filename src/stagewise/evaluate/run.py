@@ -1,6 +1,8 @@
 """The evaluate step: test loss, P-P calibration and importance sampling on seeded test
 injections, with the metrics, a per-injection table and the plots."""
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from ..svd import load_svd
 from ..trafo import Trafo
 from ..training.stage import load_model
 from . import plots
-from .calibration import combined_pvalue, credible_levels, ks_pvalues
+from .calibration import combined_pvalue, credible_levels, gaussian_summary, ks_pvalues
 from .importance import ImportanceSampler, efficiency_quantiles, importance_sample, likelihood_plan, \
     normalised_weights, summary
 
@@ -27,14 +29,17 @@ SAMPLING_CHUNK = 16
 
 
 def posterior_samples(model, trafo, strain, features, num_samples):
-    """Physical posterior samples (N, S, P) and their log q in physical space (N, S)."""
-    samples, log_q = [], []
+    """Physical posterior samples (N, S, P), their log q in physical space (N, S), and the mean and
+    std of the samples in network space (N, P) each."""
+    samples, log_q, means, stds = [], [], [], []
     for start in tqdm(range(0, len(strain), SAMPLING_CHUNK), desc="sampling", mininterval=5):
         chunk = slice(start, start + SAMPLING_CHUNK)
         z, log_q_network = model.sample(strain[chunk], features[chunk], num_samples)
         samples.append(trafo.labels_from_network(z).cpu())
         log_q.append((log_q_network.to(torch.float64) + trafo.log_abs_det_jacobian(z)).cpu())
-    return torch.cat(samples), torch.cat(log_q)
+        means.append(z.mean(1).cpu())
+        stds.append(z.std(1).cpu())
+    return torch.cat(samples), torch.cat(log_q), torch.cat(means), torch.cat(stds)
 
 
 def prior_stds(config, names):
@@ -73,12 +78,17 @@ def evaluate(config, inputs, outdir, threads=1):
     with torch.no_grad():
         test_loss = float(model.loss(theta, strain, features))
     torch.manual_seed(seeds.derived_seed(config["seed"], "evaluation", "sampling"))
-    samples, log_q = posterior_samples(model, trafo, strain, features, settings["num_samples"])
+    samples, log_q, mean_network, std_network = posterior_samples(model, trafo, strain, features,
+                                                                  settings["num_samples"])
     truths = trafo.labels_from_network(theta).cpu().numpy()
     levels = credible_levels(samples.numpy(), truths)
     pvalues = ks_pvalues(levels, names)
     stds = prior_stds(config, names)
+    per_label = gaussian_summary(names, theta.cpu().numpy(), mean_network.numpy(), std_network.numpy(), truths,
+                                 samples.mean(1).numpy())
     metrics = {
+        "model_type": "flow",
+        "test_data_digest": test_data_digest(truths, raw_inputs),
         "test_loss": test_loss,
         "num_injections": len(truths),
         "num_samples": settings["num_samples"],
@@ -88,6 +98,7 @@ def evaluate(config, inputs, outdir, threads=1):
             n: float(np.median(samples[:, :, i].std(dim=1).numpy()) / stds[n]) for i, n in enumerate(names)
             if stds.get(n)
         },
+        "per_label": per_label,
     }
     plan, reason = likelihood_plan(config)
     weights = None
@@ -109,31 +120,94 @@ def evaluate(config, inputs, outdir, threads=1):
             "pp_ks_pvalue": reweighted,
             "pp_ks_pvalue_combined": combined_pvalue(reweighted),
         }
-    write_outputs(metrics, table, outdir)
+    write_metrics(metrics, inputs, outdir)
+    with atomic_path(outdir / "importance_sampling.csv") as tmp:
+        table.to_csv(tmp, index=False)
     log.info("test loss %.4f, P-P KS p-values %s, importance sampling %s", test_loss, pvalues,
              metrics["importance_sampling"])
-    make_plots(config, inputs, outdir, samples.numpy(), weights, truths, levels, pvalues,
-               theta.cpu().numpy())
+    plots.pp_plot(levels, names, pvalues, outdir / "pp_plot.png")
+    shown = settings["num_plot_events"]
+    plots.corner_plots(samples.numpy()[:shown], None if weights is None else weights[:shown], truths[:shown], names,
+                       outdir / "corner.png")
+    pulls = (mean_network.numpy() - theta.cpu().numpy()) / std_network.numpy()
+    common_plots(config, inputs, outdir, truths, theta.cpu().numpy(), pulls)
     return metrics
 
 
-def write_outputs(metrics, table, outdir):
-    """metrics.json, the same as an HTML table for the report, and the per-injection IS table."""
+def evaluate_regression(config, inputs, outdir, threads=1):
+    """The evaluate step of `model.type: gaussian_regression`: test loss, residuals, pulls and
+    coverage per label, the comparison table and the plots."""
+    from ..models import regression
+
+    torch.set_num_threads(threads)
+    regression.configure(threads, seeds.derived_seed(config["seed"], "evaluation"))
+    outdir = Path(outdir)
+    model = regression.load_model(inputs["model"])
+    trafo = Trafo.load(inputs["trafo"])
+    names = config["inference_parameters"]
+    _, (parameters, raw_inputs, features, _, _) = test_injections(config, inputs, model.info["stage"], "cpu")
+    theta, strain = trafo.labels_to_network(parameters), trafo.inputs_to_network(raw_inputs)
+    theta_tf, strain_tf, features_tf = regression.to_tf((theta, strain, features))
+    mean, log_sigma = model((strain_tf, features_tf))
+    test_loss = float(regression.gaussian_nll(theta_tf, mean, log_sigma, regression.label_weights(config)))
+    mean, sigma = mean.numpy().astype(np.float64), np.exp(log_sigma.numpy().astype(np.float64))
+    truths = trafo.labels_from_network(theta).cpu().numpy()
+    predicted = trafo.labels_from_network(torch.as_tensor(mean)).numpy()
+    metrics = {
+        "model_type": "gaussian_regression",
+        "test_data_digest": test_data_digest(truths, raw_inputs),
+        "test_loss": test_loss,
+        "num_injections": len(truths),
+        "per_label": gaussian_summary(names, theta.cpu().numpy(), mean, sigma, truths, predicted),
+    }
+    write_metrics(metrics, inputs, outdir)
+    log.info("test loss %.4f, per label %s", test_loss, metrics["per_label"])
+    common_plots(config, inputs, outdir, truths, theta.cpu().numpy(), (mean - theta.cpu().numpy()) / sigma)
+    return metrics
+
+
+def test_data_digest(truths, raw_inputs):
+    """A short hash of the test injections (labels and inputs): equal digests mean two runs were
+    evaluated on the same data."""
+    digest = hashlib.sha256(np.ascontiguousarray(truths, dtype=np.float64).tobytes())
+    digest.update(np.ascontiguousarray(raw_inputs.cpu().numpy()).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def write_metrics(metrics, inputs, outdir):
+    """metrics.json, and the same as an HTML table for the report with the side-by-side comparison."""
     write_json(outdir / "metrics.json", metrics)
     flat = pd.json_normalize(metrics, sep=".").T.rename(columns={0: "value"})
-    write_text(outdir / "metrics.html", f"<html><body><h3>metrics.json</h3>{flat.to_html()}</body></html>\n")
-    with atomic_path(outdir / "importance_sampling.csv") as tmp:
-        table.to_csv(tmp, index=False)
+    html = f"<h3>metrics.json</h3>{flat.to_html()}{comparison_html(metrics, inputs.get('compare', {}))}"
+    write_text(outdir / "metrics.html", f"<html><body>{html}</body></html>\n")
 
 
-def make_plots(config, inputs, outdir, samples, weights, truths, levels, pvalues, theta):
+def comparison_html(metrics, others):
+    """Per-label residuals, pulls and coverage of this run beside those of the runs in `others`
+    ({run: metrics.json path}) that were evaluated on the same test data."""
+    if not others:
+        return ""
+    columns, skipped = {"this run": metrics}, []
+    for run, path in others.items():
+        other = json.loads(Path(path).read_text())
+        if other.get("test_data_digest") != metrics["test_data_digest"] or "per_label" not in other:
+            skipped.append(run)
+        else:
+            columns[f"{run} ({other['model_type']})"] = other
+    rows = {(name, key): {column: m["per_label"].get(name, {}).get(key) for column, m in columns.items()}
+            for name, values in metrics["per_label"].items() for key in values}
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.loc[("all", "test_loss"), :] = [m["test_loss"] for m in columns.values()]
+    note = f"<p>Not compared (other test data): {', '.join(skipped)}</p>" if skipped else ""
+    return f"<h3>Side by side (same test injections)</h3>{table.to_html(float_format='%.4g')}{note}"
+
+
+def common_plots(config, inputs, outdir, truths, theta, pulls):
+    """The plots of both model types: loss curves, pulls, SVD mismatch and label distributions."""
     names = config["inference_parameters"]
     histories = [(stage, pd.read_csv(path)) for stage, path in inputs["histories"].items()]
     plots.loss_curves(histories, outdir / "loss_curves.png")
-    plots.pp_plot(levels, names, pvalues, outdir / "pp_plot.png")
-    shown = config["evaluation"]["num_plot_events"]
-    plots.corner_plots(samples[:shown], None if weights is None else weights[:shown], truths[:shown], names,
-                       outdir / "corner.png")
+    plots.pulls({name: pulls[:, i] for i, name in enumerate(names)}, outdir / "pulls.png")
     tables = {name: load_svd(path)[1] for name, path in inputs["svd"].items()}
     plots.svd_mismatch(tables, outdir / "svd_mismatch.png")
     plots.label_distributions(truths, theta, names, outdir / "label_distributions.png")

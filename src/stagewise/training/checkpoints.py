@@ -11,6 +11,7 @@ from ..files import atomic_path
 log = logging.getLogger(__name__)
 
 LATEST = "model_latest.pt"
+BEST = "model_best.pt"  # the validated weights of the epoch with the lowest validation loss
 PERIODIC = re.compile(r"model_(\d+)\.pt")
 
 

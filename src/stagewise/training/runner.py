@@ -1,7 +1,7 @@
 """Run the epochs of one training stage with checkpoints, resume, signals and runtime limits.
 
-The runner knows nothing of the physics: it gets a model with `loss(*batch)`, an
-optimizer, a scheduler and two functions that return batches. `train_batches(epoch)`
+The runner knows nothing of the physics: it gets a model with `loss(*batch)`, a
+recipe (optimizer, learning rate, clipping, EMA, early stopping) and two functions that return batches. `train_batches(epoch)`
 returns an EpochBatches whose data order and random draws depend only on the epoch
 number, so resuming from a checkpoint, at an epoch boundary or in the middle of an
 epoch, reproduces the uninterrupted run bit for bit.
@@ -69,58 +69,79 @@ def set_random_states(states):
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-@torch.no_grad()
-def _validate(model, batches):
-    model.eval()
-    total, count = 0.0, 0
-    for batch in batches:
-        total += model.loss(*batch).item() * len(batch[0])
-        count += len(batch[0])
-    return total / count
-
-
 class _Run:
     """The state of one stage in one process: what a checkpoint saves and restores."""
 
-    def __init__(self, model, optimizer, scheduler, checkpoint_dir, fingerprint, metadata, heartbeat):
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+    def __init__(self, recipe, checkpoint_dir, fingerprint, metadata, heartbeat):
+        self.recipe = recipe
         self.checkpoint_dir, self.fingerprint, self.metadata = checkpoint_dir, fingerprint, metadata
         self.heartbeat = heartbeat
         self.history, self.epoch, self.partial = [], 0, None
+        self.best = None  # {"epoch", "test_loss"} of the best validation so far
+        self.stopped_early = False
 
     def restore(self, state):
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.recipe.load_state_dict(state)
         set_random_states(state["random_states"])
         self.history, self.epoch, self.partial = state["history"], state["epoch"], state["partial_epoch"]
+        self.best, self.stopped_early = state["best"], state["stopped_early"]
 
     def save(self, periodic=False):
         state = dict(
             self.metadata, fingerprint=self.fingerprint, epoch=self.epoch, partial_epoch=self.partial,
-            history=self.history, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-            scheduler=self.scheduler.state_dict(), random_states=random_states(),
+            history=self.history, best=self.best, stopped_early=self.stopped_early, random_states=random_states(),
+            **self.recipe.state_dict(),
         )
         checkpoints.save(self.checkpoint_dir / checkpoints.LATEST, state)
         if periodic:
             checkpoints.save(self.checkpoint_dir / f"model_{self.epoch}.pt", state)
         self.heartbeat()
 
+    def save_best(self, test_loss):
+        """Write model_best.pt (the validated weights) when `test_loss` is the lowest so far."""
+        if self.best is not None and not test_loss < self.best["test_loss"]:
+            return
+        self.best = {"epoch": self.epoch, "test_loss": test_loss}
+        checkpoints.save(self.checkpoint_dir / checkpoints.BEST, dict(
+            self.metadata, fingerprint=self.fingerprint, epoch=self.epoch, test_loss=test_loss,
+            history=self.history, model=self.recipe.weights()))
 
-def run_stage(model, optimizer, scheduler, train_batches, validation_batches, epochs, checkpoint_dir,
-              fingerprint, metadata, checkpoint_epochs=10, max_epochs_per_run=None, max_time_per_run=None):
-    """Train until `epochs` and return the history (a list of dicts, one per epoch).
+    def stage_model(self, which):
+        """(weights, epoch) of the stage model: the last epoch's validated weights, or model_best.pt's."""
+        if which == "last":
+            return self.recipe.weights(), self.epoch
+        if self.best is None:
+            raise FloatingPointError("stage_model: best, but no epoch had a finite validation loss")
+        state = checkpoints.load(self.checkpoint_dir / checkpoints.BEST)
+        if state["fingerprint"] != self.fingerprint or state["epoch"] != self.best["epoch"]:
+            raise ValueError(f"{self.checkpoint_dir / checkpoints.BEST}: holds epoch {state['epoch']} of fingerprint "
+                             f"{state['fingerprint']}, expected epoch {self.best['epoch']} of {self.fingerprint}")
+        return state["model"], state["epoch"]
 
+
+def run_stage(recipe, train_batches, validation_batches, epochs, checkpoint_dir, fingerprint, metadata,
+              checkpoint_epochs=10, max_epochs_per_run=None, max_time_per_run=None, stage_model="last",
+              monitor=None):
+    """Train until `epochs` (or early stopping) and return (history, stage model weights, their epoch).
+
+    recipe: the model and what updates it (optim.Recipe for torch): train_step(batch) -> (loss,
+    gradient norm), validation_loss(batches), end_epoch(validation loss), current_learning_rate(),
+    weights(), state_dict(), load_state_dict() and an `early_stopping` (None or
+    optim.EarlyStopping). history: a list of dicts, one per epoch. stage_model: "last"
+    or "best" (lowest validation loss). monitor: None or an object with begin(epoch),
+    log(row) and close(), e.g. TensorBoard.
     Resumes from `checkpoint_dir` when it holds a checkpoint with this fingerprint.
     Raises StageStopped after checkpointing on a stop signal or a runtime limit:
     max_time_per_run (s) is checked at every step, max_epochs_per_run after every epoch."""
     checkpoint_dir = Path(checkpoint_dir)
     with checkpoint_lock(checkpoint_dir) as heartbeat, stop_requests() as requests:
-        run = _Run(model, optimizer, scheduler, checkpoint_dir, fingerprint, metadata, heartbeat)
+        run = _Run(recipe, checkpoint_dir, fingerprint, metadata, heartbeat)
         state = checkpoints.resume_state(checkpoint_dir, fingerprint)
         if state is not None:
             run.restore(state)
         start, epochs_this_run = time.monotonic(), 0
+        if monitor is not None:
+            monitor.begin(run.epoch)
 
         def stop_reason():
             if requests["signal"]:
@@ -129,62 +150,87 @@ def run_stage(model, optimizer, scheduler, train_batches, validation_batches, ep
                 return f"max_time_per_run ({max_time_per_run} s) reached"
             return None
 
-        while run.epoch < epochs:
-            _train_epoch(run, train_batches(run.epoch + 1), epochs, stop_reason)
-            t0 = time.monotonic()
-            test_loss = _validate(model, validation_batches())
-            run.epoch += 1
-            run.history.append(dict(
-                epoch=run.epoch, train_loss=run.partial["loss_sum"] / run.partial["count"], test_loss=test_loss,
-                learning_rate=optimizer.param_groups[0]["lr"], time_train=run.partial["time_train"],
-                time_test=time.monotonic() - t0,
-            ))
-            scheduler.step()
-            run.partial = None
-            run.save(periodic=run.epoch % checkpoint_epochs == 0)
-            log.info("epoch %d/%d: train loss %.4f, test loss %.4f, lr %.2e, %.1f s", run.epoch, epochs,
-                     run.history[-1]["train_loss"], test_loss, run.history[-1]["learning_rate"],
-                     run.history[-1]["time_train"])
-            epochs_this_run += 1
-            reason = stop_reason()
-            if max_epochs_per_run and epochs_this_run >= max_epochs_per_run:
-                reason = f"max_epochs_per_run ({max_epochs_per_run}) reached"
-            if reason and run.epoch < epochs:
-                log.warning("stopping after epoch %d of %d: %s; run again to resume", run.epoch, epochs, reason)
-                raise StageStopped(f"{reason} after epoch {run.epoch}")
+        try:
+            while run.epoch < epochs and not run.stopped_early:
+                _train_epoch(run, train_batches(run.epoch + 1), epochs, stop_reason)
+                _end_epoch(run, validation_batches(), epochs, checkpoint_epochs, monitor)
+                epochs_this_run += 1
+                reason = stop_reason()
+                if max_epochs_per_run and epochs_this_run >= max_epochs_per_run:
+                    reason = f"max_epochs_per_run ({max_epochs_per_run}) reached"
+                if reason and run.epoch < epochs and not run.stopped_early:
+                    log.warning("stopping after epoch %d of %d: %s; run again to resume", run.epoch, epochs, reason)
+                    raise StageStopped(f"{reason} after epoch {run.epoch}")
+        finally:
+            if monitor is not None:
+                monitor.close()
+        weights, weights_epoch = run.stage_model(stage_model)
     if not run.history or not math.isfinite(run.history[-1]["test_loss"]):
         raise FloatingPointError("training ended without a finite validation loss")
-    return run.history
+    return run.history, weights, weights_epoch
+
+
+def _end_epoch(run, validation_batches, epochs, checkpoint_epochs, monitor):
+    """Validate, record the epoch, step the schedule and early stopping, write the checkpoints."""
+    t0 = time.monotonic()
+    test_loss = run.recipe.validation_loss(validation_batches)
+    run.epoch += 1
+    partial = run.partial
+    row = dict(
+        epoch=run.epoch, train_loss=partial["loss_sum"] / partial["count"], test_loss=test_loss,
+        learning_rate=run.recipe.current_learning_rate(), grad_norm=partial["grad_norm_sum"] / partial["steps"],
+        time_data=partial["time_data"], time_compute=partial["time_compute"], time_test=time.monotonic() - t0,
+    )
+    run.history.append(row)
+    run.recipe.end_epoch(test_loss)
+    if run.recipe.early_stopping is not None and run.recipe.early_stopping.update(row):
+        run.stopped_early = True
+        log.info("early stopping after epoch %d: %s did not improve for %d epochs", run.epoch,
+                 run.recipe.early_stopping.settings["metric"], run.recipe.early_stopping.settings["patience"])
+    run.partial = None
+    if math.isfinite(test_loss):
+        run.save_best(test_loss)
+    run.save(periodic=run.epoch % checkpoint_epochs == 0)
+    if monitor is not None:
+        monitor.log(row)
+    log.info("epoch %d/%d: train loss %.4f, test loss %.4f, lr %.2e, data %.1f s, compute %.1f s", run.epoch, epochs,
+             row["train_loss"], test_loss, row["learning_rate"], row["time_data"], row["time_compute"])
 
 
 def _train_epoch(run, batches, epochs, stop_reason):
     """Train epoch run.epoch + 1 from run.partial (its progress so far) to its end."""
     if run.partial is None:
-        run.partial = {"loss_sum": 0.0, "count": 0, "time_train": 0.0, "batches": None}
+        run.partial = {"loss_sum": 0.0, "count": 0, "steps": 0, "grad_norm_sum": 0.0, "time_data": 0.0,
+                       "time_compute": 0.0, "batches": None}
     else:
         batches.resume(run.partial["batches"])
         log.info("resuming epoch %d at step %d", run.epoch + 1, run.partial["batches"]["step"])
-    run.model.train()
     description = f"epoch {run.epoch + 1}/{epochs}"
     progress = tqdm(total=len(batches), initial=batches.step, desc=description, mininterval=5, leave=False)
-    t0 = time.monotonic()
-    for batch in batches:
-        run.optimizer.zero_grad(set_to_none=True)
-        loss = run.model.loss(*batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{description}: loss is {loss.item()} at step {batches.step}")
-        loss.backward()
-        run.optimizer.step()
-        run.partial["loss_sum"] += loss.item() * len(batch[0])
-        run.partial["count"] += len(batch[0])
+    partial = run.partial
+    batch_iterator = iter(batches)
+    while True:
+        t0 = time.perf_counter()
+        batch = next(batch_iterator, None)
+        if batch is None:
+            break
+        t1 = time.perf_counter()
+        try:
+            loss, grad_norm = run.recipe.train_step(batch)
+        except FloatingPointError as err:
+            raise FloatingPointError(f"{description}: {err} at step {batches.step}") from None
+        partial["grad_norm_sum"] += grad_norm
+        partial["loss_sum"] += loss * len(batch[0])
+        partial["count"] += len(batch[0])
+        partial["steps"] += 1
+        partial["time_data"] += t1 - t0
+        partial["time_compute"] += time.perf_counter() - t1
         progress.update()
         reason = stop_reason()
         if reason and batches.step < len(batches):
-            run.partial["time_train"] += time.monotonic() - t0
-            run.partial["batches"] = batches.position()
+            partial["batches"] = batches.position()
             run.save()
             log.warning("stopping in %s at step %d of %d: %s; checkpoint written, run again to resume",
                         description, batches.step, len(batches), reason)
             raise StageStopped(f"{reason} in {description}")
     progress.close()
-    run.partial["time_train"] += time.monotonic() - t0

@@ -2,6 +2,7 @@
 
 import logging
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -9,12 +10,14 @@ from .. import seeds
 from ..config import fingerprint, stage_settings
 from ..files import write_text
 from ..models.posterior import PosteriorModel
+from ..problem import is_regression
 from ..provenance import provenance
 from ..sources import make_source
 from ..svd import load_svd
 from ..trafo import Trafo
 from . import checkpoints
 from .batches import EpochBatches
+from .optim import Recipe
 from .runner import run_stage
 
 log = logging.getLogger(__name__)
@@ -31,23 +34,53 @@ def architecture(config, source, first_layer_size):
     )
 
 
-def new_model(config, source, trafo, svd_files, bank):
-    """Stage 0's model: seeded weights, first layer seeded by the SVD bases (or, without
-    SVD, an ordinary layer as wide as the first hidden layer), projection scale from data."""
+def first_layer(config, source, svd_files):
+    """(the SVD bases, one per detector or none, and the model architecture): without SVD the
+    first layer is an ordinary layer as wide as the first hidden layer."""
     bases = [load_svd(path)[0] for path in svd_files]
-    first_layer_size = bases[0].shape[1] if bases else config["model"]["embedding"]["hidden_dims"][0]
-    torch.manual_seed(seeds.derived_seed(config["seed"], "model"))
-    model = PosteriorModel(architecture(config, source, first_layer_size)).to(source.device)
-    if bases:
-        model.embedding.seed_svd(bases)
+    size = bases[0].shape[1] if bases else config["model"]["embedding"]["hidden_dims"][0]
+    return bases, architecture(config, source, size)
+
+
+def projection_inputs(config, source, trafo, bank):
+    """Network inputs of up to PROJECTION_SCALE_SAMPLES training events (fiducial ASD), from which
+    the first layer's output scale is set."""
     make = source.batch_maker(bank, trafo, "fiducial")
     count = min(PROJECTION_SCALE_SAMPLES, len(bank))
-    _, strain, _ = make(torch.arange(count, device=source.device),
-                        seeds.generator(config["seed"], "projection_scale", device=source.device))
+    return make(torch.arange(count, device=source.device),
+                seeds.generator(config["seed"], "projection_scale", device=source.device))[1]
+
+
+def new_model(config, source, trafo, svd_files, bank):
+    """Stage 0's flow model: seeded weights, first layer seeded by the SVD bases, projection scale from data."""
+    bases, arch = first_layer(config, source, svd_files)
+    torch.manual_seed(seeds.derived_seed(config["seed"], "model"))
+    model = PosteriorModel(arch).to(source.device)
+    if bases:
+        model.embedding.seed_svd(bases)
     with torch.no_grad():
-        scale = model.embedding.project(strain).std(0).clamp_min(1e-3)
+        scale = model.embedding.project(projection_inputs(config, source, trafo, bank)).std(0).clamp_min(1e-3)
         model.embedding.projection_scale.copy_(scale)
     return model
+
+
+def regression_recipe(config, settings, source, trafo, inputs, bank, threads):
+    """The Keras model of `model.type: gaussian_regression` (built as new_model builds the flow's,
+    or the previous stage's) and its recipe. Imports TensorFlow."""
+    from ..models import regression
+
+    regression.configure(threads, seeds.derived_seed(config["seed"], "model"))
+    if inputs["previous_model"] is None:
+        bases, arch = first_layer(config, source, inputs["svd"])
+        model = regression.new_regression_model(arch)
+        if bases:
+            model.seed_svd(bases)
+        coefficients = model.project(projection_inputs(config, source, trafo, bank).cpu().numpy()).numpy()
+        model.projection_scale.assign(np.maximum(coefficients.std(0, ddof=1), 1e-3))
+    else:
+        model = regression.load_model(inputs["previous_model"])
+    model.freeze_svd(settings["freeze_svd"])
+    return regression.KerasRecipe(model, settings, regression.label_weights(config))
 
 
 def load_model(path, device="cpu"):
@@ -58,14 +91,20 @@ def load_model(path, device="cpu"):
     return model.to(device), state
 
 
-def make_optimizer(model, settings, epochs):
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=settings["optimizer"]["learning_rate"])
-    if settings["scheduler"]["type"] == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    else:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
-    return optimizer, scheduler
+def warm_start(model, path):
+    """Load the weights of another run's model file into `model`; a clear error when they do not fit."""
+    state = checkpoints.load(path)
+    ours = model.state_dict()
+    theirs = state.get("model", {})
+    for name in [*ours, *(k for k in theirs if k not in ours)]:
+        if name not in theirs or name not in ours:
+            where = "is missing there" if name not in theirs else "is not in this model"
+            raise ValueError(f"training.stage_0.warm_start: {path}: parameter '{name}' {where}")
+        if ours[name].shape != theirs[name].shape:
+            raise ValueError(f"training.stage_0.warm_start: {path}: parameter '{name}' has shape "
+                             f"{tuple(theirs[name].shape)} there but {tuple(ours[name].shape)} in this config's model")
+    model.load_state_dict(theirs)
+    log.info("stage_0 starts from the weights of %s (epoch %s)", path, state.get("epoch"))
 
 
 def time_limit(local, job_runtime=None):
@@ -84,9 +123,23 @@ def time_limit(local, job_runtime=None):
     return limit
 
 
-def train_stage(config, stage, inputs, outputs, checkpoint_dir, threads=1, planned_stages=None, job_runtime=None):
+def flow_model(config, settings, source, trafo, inputs, bank):
+    """Stage 0's new (or warm-started) flow model, or the previous stage's, its SVD layer frozen as asked."""
+    if inputs["previous_model"] is None:
+        model = new_model(config, source, trafo, inputs["svd"], bank)
+        if settings["warm_start"] is not None:
+            warm_start(model, settings["warm_start"])
+    else:
+        model, _ = load_model(inputs["previous_model"], source.device)
+    model.embedding.freeze_svd(settings["freeze_svd"])
+    return model
+
+
+def train_stage(config, stage, inputs, outputs, checkpoint_dir, threads=1, planned_stages=None, job_runtime=None,
+                monitor=None):
     """Train stage `stage` (e.g. "stage_1") and write its model file and history.
 
+    monitor: None or a monitor.Monitor that follows the epochs (TensorBoard, W&B).
     planned_stages (the config's whole `training` section) is stored in the
     checkpoints for `stagewise ls` and `append-stage`; it is not part of the fingerprint.
     job_runtime: the cluster job's time limit in minutes (see time_limit), or None.
@@ -102,12 +155,10 @@ def train_stage(config, stage, inputs, outputs, checkpoint_dir, threads=1, plann
                          device)
     trafo = Trafo.load(inputs["trafo"])
     bank, validation = source.bank(inputs["training_files"]), source.bank(inputs["validation_files"])
-    if inputs["previous_model"] is None:
-        model = new_model(config, source, trafo, inputs["svd"], bank)
+    if is_regression(config):
+        recipe = regression_recipe(config, settings, source, trafo, inputs, bank, threads)
     else:
-        model, _ = load_model(inputs["previous_model"], device)
-    model.embedding.freeze_svd(settings["freeze_svd"])
-    optimizer, scheduler = make_optimizer(model, settings, settings["epochs"])
+        recipe = Recipe(flow_model(config, settings, source, trafo, inputs, bank), settings)
     train_batch, valid_batch = (source.batch_maker(b, trafo, settings["asd"]) for b in (bank, validation))
 
     def train_batches(epoch):
@@ -120,18 +171,25 @@ def train_stage(config, stage, inputs, outputs, checkpoint_dir, threads=1, plann
         return EpochBatches(indices, valid_batch, generator)
 
     model_settings = stage_settings(config, stage)
-    input_files = [inputs["trafo"], *inputs["svd"]] + ([inputs["previous_model"]] if inputs["previous_model"] else [])
+    start_from = inputs["previous_model"] or settings["warm_start"]
+    input_files = [inputs["trafo"], *inputs["svd"]] + ([start_from] if start_from else [])
     stage_fingerprint = fingerprint(model_settings, input_files)
-    metadata = dict(stage=stage, settings=model_settings, architecture=model.architecture, provenance=provenance(),
+    metadata = dict(stage=stage, settings=model_settings, architecture=recipe.model.architecture, provenance=provenance(),
                     planned_stages=planned_stages or config["training"])
     limits = local["runtime_limits"]
-    history = run_stage(
-        model, optimizer, scheduler, train_batches, validation_batches, settings["epochs"], checkpoint_dir,
-        stage_fingerprint, metadata, local["checkpoint_epochs"],
-        limits["max_epochs_per_run"], time_limit(local, job_runtime),
+    history, weights, weights_epoch = run_stage(
+        recipe, train_batches, validation_batches, settings["epochs"], checkpoint_dir,
+        stage_fingerprint, metadata, local["checkpoint_epochs"], limits["max_epochs_per_run"],
+        time_limit(local, job_runtime), settings["stage_model"], monitor,
     )
     write_text(outputs["history"], pd.DataFrame(history).to_csv(index=False))
-    final = dict(metadata, fingerprint=stage_fingerprint, epoch=history[-1]["epoch"], history=history,
-                 model=model.state_dict())
-    checkpoints.save(outputs["model"], final)
+    final = dict(metadata, fingerprint=stage_fingerprint, epoch=history[-1]["epoch"], weights_epoch=weights_epoch,
+                 history=history)
+    if is_regression(config):
+        from ..models import regression
+
+        recipe.model.set_weights(weights)
+        regression.save_model(recipe.model, outputs["model"], final)
+    else:
+        checkpoints.save(outputs["model"], dict(final, model=weights))
     log.info("stage %s done: %s", stage, outputs["model"])

@@ -1,0 +1,223 @@
+"""How a stage updates its weights: optimizer, learning-rate schedule, gradient clipping,
+EMA of the weights and early stopping, each built from the stage's settings and each
+with a state that a checkpoint saves and restores."""
+
+import math
+
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+# The arguments each optimizer and scheduler takes besides `type` (and the optimizer's learning_rate).
+OPTIMIZER_ARGUMENTS = {
+    "adam": {"betas", "eps", "weight_decay", "amsgrad"},
+    "adamw": {"betas", "eps", "weight_decay", "amsgrad"},
+    "sgd": {"momentum", "dampening", "weight_decay", "nesterov"},
+}
+SCHEDULER_ARGUMENTS = {
+    "constant": set(),
+    "cosine": {"min_factor"},
+    "step": {"step_size", "gamma"},
+    "exponential": {"gamma"},
+    "reduce_on_plateau": {"factor", "patience", "threshold"},
+}
+SCHEDULER_DEFAULTS = {"min_factor": 0.0, "step_size": 10, "gamma": 0.1, "factor": 0.1, "patience": 5,
+                      "threshold": 1e-4}
+
+
+def check_stage(name, settings):
+    """ValueError naming the key when an optimizer or scheduler argument does not belong to its type."""
+    for section, allowed, skip in (("optimizer", OPTIMIZER_ARGUMENTS, {"type", "learning_rate"}),
+                                   ("scheduler", SCHEDULER_ARGUMENTS, {"type", "warmup_epochs"})):
+        kind = settings[section]["type"]
+        for key in set(settings[section]) - skip - allowed[kind]:
+            raise ValueError(f"training.{name}.{section}.{key}: not an argument of {section} type '{kind}' "
+                             f"(it takes {', '.join(sorted(allowed[kind])) or 'none'})")
+    warmup = settings["scheduler"].get("warmup_epochs", 0)
+    if warmup >= settings["epochs"]:
+        raise ValueError(f"training.{name}.scheduler.warmup_epochs: {warmup} must be below epochs "
+                         f"({settings['epochs']})")
+
+
+def make_optimizer(model, settings):
+    """The stage's optimizer over the trainable parameters."""
+    options = dict(settings["optimizer"])
+    kind, learning_rate = options.pop("type"), options.pop("learning_rate")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return OPTIMIZERS[kind](trainable, lr=learning_rate, **options)
+
+
+class LearningRate:
+    """The learning rate of each epoch: an optional linear warm-up, then the scheduler.
+
+    Epoch e (1, 2, ...) of W warm-up epochs trains at base * e / (W + 1); the scheduler
+    then counts epochs from the end of the warm-up. `reduce_on_plateau` multiplies the
+    rate by `factor` when the validation loss has not improved by more than `threshold`
+    (relative) for more than `patience` epochs. `step` is called after each epoch.
+    """
+
+    def __init__(self, optimizer, settings, epochs):
+        self.optimizer = optimizer
+        self.settings = {**SCHEDULER_DEFAULTS, **settings}
+        self.base = self._base_rates()
+        self.warmup = settings.get("warmup_epochs", 0)
+        self.main_epochs = epochs - self.warmup
+        self.state = {"epoch": 0, "plateau_factor": 1.0, "best": None, "bad_epochs": 0}
+        self._apply()
+
+    def factor(self, epoch):
+        """The factor on the base rate while training epoch `epoch + 1` (epoch = epochs done)."""
+        s = self.settings
+        if epoch < self.warmup:
+            return (epoch + 1) / (self.warmup + 1)
+        t = epoch - self.warmup
+        kind = s["type"]
+        if kind == "cosine":
+            return s["min_factor"] + (1 - s["min_factor"]) * 0.5 * (1 + math.cos(math.pi * t / self.main_epochs))
+        if kind == "step":
+            return s["gamma"] ** (t // s["step_size"])
+        if kind == "exponential":
+            return s["gamma"] ** t
+        if kind == "reduce_on_plateau":
+            return self.state["plateau_factor"]
+        return 1.0
+
+    def step(self, validation_loss):
+        state = self.state
+        state["epoch"] += 1
+        if self.settings["type"] == "reduce_on_plateau" and state["epoch"] > self.warmup:
+            best = state["best"]
+            if best is None or validation_loss < best - self.settings["threshold"] * abs(best):
+                state["best"], state["bad_epochs"] = validation_loss, 0
+            else:
+                state["bad_epochs"] += 1
+                if state["bad_epochs"] > self.settings["patience"]:
+                    state["plateau_factor"] *= self.settings["factor"]
+                    state["bad_epochs"] = 0
+        self._apply()
+
+    def _base_rates(self):
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def _apply(self):
+        factor = self.factor(self.state["epoch"])
+        for group, base in zip(self.optimizer.param_groups, self.base):
+            group["lr"] = base * factor
+
+    def state_dict(self):
+        return dict(self.state)
+
+    def load_state_dict(self, state):
+        self.state = dict(state)
+        self._apply()
+
+
+def clip_gradients(parameters, settings):
+    """Clip by norm or by value as `settings` ({type: norm | value, max}, or None) says; return the
+    gradients' total norm before clipping."""
+    parameters = [p for p in parameters if p.grad is not None]
+    if settings is not None and settings["type"] == "norm":
+        return torch.nn.utils.clip_grad_norm_(parameters, settings["max"]).item()
+    norm = torch.nn.utils.clip_grad_norm_(parameters, math.inf).item()
+    if settings is not None:
+        torch.nn.utils.clip_grad_value_(parameters, settings["max"])
+    return norm
+
+
+def make_ema(model, decay):
+    """An exponential moving average of the weights (and buffers), or None when decay is None."""
+    if decay is None:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+class EarlyStopping:
+    """Stop a stage when `metric` has not improved by more than `min_delta` for `patience` epochs."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.state = {"best": None, "bad_epochs": 0}
+
+    def update(self, row):
+        """Take one epoch's history row; True when the stage should stop."""
+        value, best = row[self.settings["metric"]], self.state["best"]
+        sign = 1 if self.settings["mode"] == "min" else -1
+        if best is None or sign * (best - value) > self.settings["min_delta"]:
+            self.state.update(best=value, bad_epochs=0)
+        else:
+            self.state["bad_epochs"] += 1
+        return self.state["bad_epochs"] >= self.settings["patience"]
+
+    def state_dict(self):
+        return dict(self.state)
+
+    def load_state_dict(self, state):
+        self.state = dict(state)
+
+
+class Recipe:
+    """A torch model and everything that updates its weights in one stage: what the runner trains,
+    validates and checkpoints (see runner.run_stage for the interface)."""
+
+    def __init__(self, model, settings):
+        self.model = model
+        self.optimizer = make_optimizer(model, settings)
+        self.learning_rate = LearningRate(self.optimizer, settings["scheduler"], settings["epochs"])
+        self.clip = settings["gradient_clip"]
+        self.ema = make_ema(model, settings["ema_decay"])
+        self.early_stopping = None if settings["early_stopping"] is None else EarlyStopping(settings["early_stopping"])
+
+    @property
+    def evaluated(self):
+        """The weights that are validated and become the stage model: the EMA when there is one."""
+        return self.model if self.ema is None else self.ema.module
+
+    def current_learning_rate(self):
+        return self.optimizer.param_groups[0]["lr"]
+
+    def train_step(self, batch):
+        """One optimizer step; (loss, gradient norm before clipping). FloatingPointError on a non-finite loss."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.model.loss(*batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()}")
+        loss.backward()
+        grad_norm = clip_gradients(self.model.parameters(), self.clip)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        return loss.item(), grad_norm
+
+    @torch.no_grad()
+    def validation_loss(self, batches):
+        model = self.evaluated
+        model.eval()
+        total, count = 0.0, 0
+        for batch in batches:
+            total += model.loss(*batch).item() * len(batch[0])
+            count += len(batch[0])
+        return total / count
+
+    def end_epoch(self, validation_loss):
+        self.learning_rate.step(validation_loss)
+
+    def weights(self):
+        """The validated weights, as the stage model file stores them."""
+        return self.evaluated.state_dict()
+
+    def state_dict(self):
+        return {"model": self.model.state_dict(), "recipe": {
+            "optimizer": self.optimizer.state_dict(), "learning_rate": self.learning_rate.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
+            "early_stopping": None if self.early_stopping is None else self.early_stopping.state_dict(),
+        }}
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state["model"])
+        recipe = state["recipe"]
+        self.optimizer.load_state_dict(recipe["optimizer"])
+        self.learning_rate.load_state_dict(recipe["learning_rate"])
+        for part in ("ema", "early_stopping"):
+            if getattr(self, part) is not None:
+                getattr(self, part).load_state_dict(recipe[part])

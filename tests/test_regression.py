@@ -1,0 +1,136 @@
+"""The TensorFlow backend, `model.type: gaussian_regression`: its loss, a real Snakemake run of the
+tiny problem through the same stages (a SIGTERM mid-epoch and a resume give the uninterrupted model
+bit for bit), its evaluation beside the flow's, and that a torch run never imports TensorFlow."""
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+from conftest import REPO, planned_jobs, snakemake
+from test_interruption import training_process, wait_for
+
+REGRESSION = {"run": "tiny_regression", "model": {"type": "gaussian_regression", "label_weight_dict": {"snr": 0.5}},
+              "evaluation": {"compare_runs": ["tiny"]},
+              "training": {"stage_0": {"epochs": 4, "batch_size": 10}}}
+RUN = "results/tiny_regression"
+
+
+def test_gaussian_nll_is_the_weighted_formula_and_zero_weights_cannot_give_nan():
+    import tensorflow as tf
+
+    from stagewise.models.regression import gaussian_nll
+
+    theta = tf.constant([[0.5, 1.0, 3.0]])
+    mean = tf.constant([[0.0, 1.0, np.inf]])
+    log_sigma = tf.Variable([[np.log(2.0), 0.0, -1e4]], dtype=tf.float32)
+    weights = tf.constant([1.0, 2.0, 0.0])
+    with tf.GradientTape() as tape:
+        loss = gaussian_nll(theta, mean, log_sigma, weights)
+    gradient = tape.gradient(loss, log_sigma)
+    assert float(loss) == pytest.approx(2 * np.log(2.0) + (0.5 / 2.0) ** 2)
+    assert np.isfinite(gradient.numpy()).all() and gradient.numpy()[0, 2] == 0.0
+
+
+def keras_weights(path):
+    """{HDF5 path: array} of the weights in a .keras file, read without TensorFlow."""
+    with zipfile.ZipFile(path) as archive:
+        data = io.BytesIO(archive.read("model.weights.h5"))
+    arrays = {}
+    with h5py.File(data, "r") as f:
+        f.visititems(lambda name, item: arrays.__setitem__(name, item[()]) if isinstance(item, h5py.Dataset) else None)
+    return arrays
+
+
+@pytest.fixture(scope="module")
+def regression_run(tiny_run, tmp_path_factory):
+    """A copy of the tiny flow run with the regression run beside it: preprocessing done, then a
+    copy of that state for the interruption test, then the whole regression run."""
+    workdir = Path(shutil.copytree(tiny_run[0], tmp_path_factory.mktemp("regression") / "w", symlinks=True))
+    snakemake(workdir, "build_svd", overrides=REGRESSION)
+    before_training = Path(shutil.copytree(workdir, tmp_path_factory.mktemp("regression") / "b", symlinks=True))
+    jobs = planned_jobs(snakemake(workdir, overrides=REGRESSION).output)
+    return workdir, before_training, jobs
+
+
+def test_regression_runs_through_the_same_stages_and_writes_keras_models(regression_run):
+    workdir, _, jobs = regression_run
+    assert jobs == {"train_stage_0", "train_stage_1", "evaluate", "all"}
+    run = workdir / RUN
+    for stage in ("stage_0", "stage_1"):
+        assert (run / stage / f"model_{stage}.keras").exists()
+        history = (run / stage / "history.csv").read_text().splitlines()
+        assert history[0] == "epoch,train_loss,test_loss,learning_rate,grad_norm,time_data,time_compute,time_test"
+    assert len((run / "stage_0" / "history.csv").read_text().splitlines()) == 5
+    svd = np.concatenate([h5py.File(run / f"svd_{d}.h5")["basis"][()].T[None] for d in ("H1", "L1")])
+    stage_0, stage_1 = (keras_weights(run / s / f"model_{s}.keras") for s in ("stage_0", "stage_1"))
+    first_layer = next(name for name in stage_0 if name.endswith("vars/0") and stage_0[name].ndim == 3)
+    assert np.allclose(stage_0[first_layer], svd, atol=1e-6)  # frozen in stage 0
+    assert not np.allclose(stage_1[first_layer], svd, atol=1e-6)  # trained in stage 1
+    assert not (workdir / "results/tiny/stage_0/model_stage_0.keras").exists()
+
+
+def test_regression_evaluation_reports_pulls_coverage_and_the_flow_beside_it(regression_run):
+    workdir, _, _ = regression_run
+    evaluation = workdir / RUN / "evaluation"
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    flow = json.loads((workdir / "results/tiny/evaluation/metrics.json").read_text())
+    assert metrics["model_type"] == "gaussian_regression" and flow["model_type"] == "flow"
+    assert metrics["test_data_digest"] == flow["test_data_digest"]
+    assert np.isfinite(metrics["test_loss"])
+    for name in ("f0", "tau", "snr"):
+        summary = metrics["per_label"][name]
+        assert 0 < summary["pull_std"] < 20 and 0 <= summary["coverage_68"] <= summary["coverage_95"] <= 1
+    table = (evaluation / "metrics.html").read_text()
+    assert "Side by side (same test injections)" in table and "tiny (flow)" in table
+    for plot in ("loss_curves", "pulls", "svd_mismatch", "label_distributions"):
+        assert (evaluation / f"{plot}.png").stat().st_size > 1000
+    assert not (evaluation / "pp_plot.png").exists()
+
+
+def test_a_sigterm_mid_epoch_and_a_resume_give_the_uninterrupted_keras_model(regression_run):
+    workdir, before_training, _ = regression_run
+    (before_training / "overrides.yaml").write_text(yaml.safe_dump(REGRESSION))
+    command = [sys.executable, "-m", "snakemake", "train_stage_0", "--cores", "2", "--configfile",
+               "config/config.yaml", "tiny.yaml", "overrides.yaml"]
+    process = subprocess.Popen(command, cwd=before_training, env=dict(os.environ, CONDOR_CONFIG="/dev/null"),
+                               start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = before_training / RUN / "logs" / "train_stage_0.log"
+    assert wait_for(lambda: log.exists() and "epoch 2/4" in log.read_text(), process, timeout=120)
+    os.kill(training_process(before_training), signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert "returned non-zero exit status 75" in output and "received SIGTERM" in log.read_text()
+    snakemake(before_training, "train_stage_0", overrides=REGRESSION)
+    assert "resuming from" in log.read_text()
+    resumed = keras_weights(before_training / RUN / "stage_0" / "model_stage_0.keras")
+    reference = keras_weights(workdir / RUN / "stage_0" / "model_stage_0.keras")
+    assert resumed.keys() == reference.keys()
+    for name, values in reference.items():
+        assert np.array_equal(values, resumed[name]), name
+
+
+def test_a_torch_training_and_evaluation_never_import_tensorflow(tmp_path):
+    """Everything a flow run imports (training with TensorBoard logs, evaluation), in a fresh process."""
+    script = f"""
+import sys
+sys.path.insert(0, {str(REPO / 'tests')!r})
+import stagewise.evaluate.run, stagewise.training.stage, stagewise.cli, stagewise.artefacts
+from stagewise.training.monitor import Monitor
+from test_checkpoints import train
+train({str(tmp_path / 'checkpoints')!r}, epochs=2, monitor=Monitor({str(tmp_path / 'tb')!r}, "stage_0"))
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras")))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert list((tmp_path / "tb").iterdir())  # the TensorBoard file was written
