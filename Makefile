@@ -8,7 +8,7 @@ TORCH_PIN := torch==2.13.0
 CORES ?= 2
 RUN := default
 
-.PHONY: setup run test dag clean
+.PHONY: setup run test bench dag clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,9 @@ run: setup
 
 test: setup
 	CONDOR_CONFIG=/dev/null $(BIN)/python -m pytest
+
+bench: setup
+	CONDOR_CONFIG=/dev/null $(BIN)/python bench/bench.py
 
 dag: setup
 	CONDOR_CONFIG=/dev/null $(BIN)/snakemake --dag | dot -Tsvg > docs/dag.svg

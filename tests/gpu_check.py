@@ -76,7 +76,8 @@ def main(outdir):
     metrics = evaluate(eval_config, dict(model=out / "stage_1/model_stage_1.pt", trafo=out / "trafo.h5",
                                          histories={"stage_0": out / "uninterrupted/history.csv",
                                                     "stage_1": out / "stage_1/history.csv"},
-                                         test_files=split["test"], fiducial_asd=fiducial, asd_set=asd_set),
+                                         test_files=split["test"], fiducial_asd=fiducial, asd_set=asd_set,
+                                         svd=svd),
                        out / "evaluation")
     report["metrics"] = metrics
     print(json.dumps(report, indent=2))

@@ -15,7 +15,8 @@ from test_checkpoints import EPOCHS, STAGE, assert_same_weights, train, validati
 
 from stagewise.training import checkpoints
 from stagewise.training.monitor import TAGS, Monitor
-from stagewise.training.optim import LearningRate, check_stage, clip_gradients, make_optimizer
+from stagewise.config import check_stage
+from stagewise.training.optim import LearningRate, clip_gradients, make_optimizer
 from stagewise.training.optim import Recipe
 from stagewise.training.runner import StageStopped
 

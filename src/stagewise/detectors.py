@@ -40,14 +40,14 @@ class Detectors:
         fp = self.antenna_plus.to(device, real)[None, :, None]
         fx = self.antenna_cross.to(device, real)[None, :, None]
         strain = fp * plus[:, None, :] + fx * cross[:, None, :]
-        delay = time.to(device)[:, None, None] + self.time_offset.to(device)[None, :, None]
-        shift = torch.polar(torch.ones_like(delay * frequencies), -2 * math.pi * delay * frequencies.to(device))
-        return strain * shift.to(strain.dtype)
+        delay = time.to(device, torch.float64)[:, None, None] + self.time_offset.to(device)[None, :, None]
+        angle = (-2 * math.pi * delay * frequencies.to(device)).to(real)  # in float64, then the data's precision
+        return strain * torch.polar(torch.ones_like(angle), angle)
 
 
 def optimal_snr(strain, asd):
     """sqrt(sum |h / ASD|^2) over detectors and frequencies; strain (B, D, F), asd (D, F) or (B, D, F)."""
-    return torch.sqrt((strain.abs() / asd).square().sum(dim=(-2, -1)))
+    return torch.sqrt(((strain.real.square() + strain.imag.square()) / asd.square()).sum(dim=(-2, -1)))
 
 
 def write_asd_file(path, frequencies, asds, attrs=None):

@@ -17,6 +17,7 @@ import logging
 
 import h5py
 import numpy as np
+from tqdm import tqdm
 
 from .files import atomic_path
 
@@ -58,36 +59,43 @@ def open_event_file(path):
 
 
 def _check_layout(f, path, kind):
-    """(number of events, shape of one event's data) of an open file; EventFileError if it does not fit."""
-    if f.attrs.get("stagewise_layout") != LAYOUT:
+    """(number of events, shape of one event's data, {"labels/<name>" or "data/<name>": dataset}) of
+    an open file; EventFileError if it does not fit. Each h5py object is looked up once."""
+    attrs = f.attrs
+    if attrs.get("stagewise_layout") != LAYOUT:
         raise EventFileError(f"{path}: root attribute 'stagewise_layout' must be '{LAYOUT}'")
-    if f.attrs.get("kind") != kind:
-        raise EventFileError(f"{path}: root attribute 'kind' is {f.attrs.get('kind')!r}, expected {kind!r}")
+    if attrs.get("kind") != kind:
+        raise EventFileError(f"{path}: root attribute 'kind' is {attrs.get('kind')!r}, expected {kind!r}")
+    datasets = {}
     for group in ("labels", "data"):
-        if group not in f or not len(f[group]):
+        members = f.get(group)
+        if members is None or not len(members):
             raise EventFileError(f"{path}: missing group '/{group}' with at least one dataset")
-    n = {f"labels/{k}": d.shape[0] if d.ndim else None for k, d in f["labels"].items()}
-    n.update({f"data/{k}": d.shape[0] if d.ndim else None for k, d in f["data"].items()})
+        datasets.update((f"{group}/{k}", d) for k, d in members.items())
+    n = {k: d.shape[0] if d.ndim else None for k, d in datasets.items()}
     if len(set(n.values())) != 1 or None in n.values():
         raise EventFileError(f"{path}: datasets disagree on the number of events: {n}")
+    events = next(iter(n.values()))
     if kind == "observations":
-        inputs = f["data"].get(OBSERVATION_DATASET)
+        inputs = datasets.get(f"data/{OBSERVATION_DATASET}")
         if inputs is None:
             raise EventFileError(f"{path}: missing dataset '/data/{OBSERVATION_DATASET}'")
         if inputs.ndim != 2 or inputs.dtype.kind != "f":
             raise EventFileError(f"{path}: '/data/{OBSERVATION_DATASET}' is {inputs.dtype} of shape {inputs.shape}, "
                                  "expected float of shape (N, K)")
-        return next(iter(n.values())), inputs.shape[1:]
+        return events, inputs.shape[1:], datasets
     for name in SIGNAL_DATASETS:
-        if name not in f["data"]:
+        if f"data/{name}" not in datasets:
             raise EventFileError(f"{path}: missing dataset '/data/{name}'")
-    if "frequencies" not in f:
+    frequencies = f.get("frequencies")
+    if frequencies is None:
         raise EventFileError(f"{path}: missing dataset '/frequencies'")
-    width = f["frequencies"].shape[0]
+    width = frequencies.shape[0]
     for name in SIGNAL_DATASETS:
-        if f["data"][name].shape[1:] != (width,):
-            raise EventFileError(f"{path}: '/data/{name}' has shape {f['data'][name].shape}, expected (N, {width})")
-    return next(iter(n.values())), (width,)
+        shape = datasets[f"data/{name}"].shape
+        if shape[1:] != (width,):
+            raise EventFileError(f"{path}: '/data/{name}' has shape {shape}, expected (N, {width})")
+    return events, (width,), datasets
 
 
 def count_events(path, kind="signals"):
@@ -96,18 +104,21 @@ def count_events(path, kind="signals"):
         return _check_layout(f, path, kind)[0]
 
 
-def count_splits(splits, kind="signals"):
+def count_splits(splits, kind="signals", priors=None):
     """Events per file and total per split; `splits` maps split name to a list of paths.
 
-    Every file must hold the same shape of data per event."""
-    counts, first = {}, None
+    Every file is opened once, however many splits list it: its layout is checked, and with
+    `priors` ({name: priors.Prior}) its values too (see check_values). Every file must hold
+    the same shape of data per event."""
+    checked, counts, first = {}, {}, None
     for split, paths in splits.items():
         if not paths:
             raise EventFileError(f"split '{split}': no event files given")
         per_file = {}
-        for path in paths:
-            with open_event_file(path) as f:
-                per_file[str(path)], shape = _check_layout(f, path, kind)
+        for path in tqdm(paths, desc=f"checking {split} files", mininterval=5, leave=False):
+            if str(path) not in checked:
+                checked[str(path)] = check_file(path, kind, priors)
+            per_file[str(path)], shape = checked[str(path)]
             first = first or (path, shape)
             if shape != first[1]:
                 raise EventFileError(f"{path}: data of shape {shape} per event, but {first[0]} has {first[1]}")
@@ -119,16 +130,20 @@ def count_splits(splits, kind="signals"):
     return counts
 
 
-def check_values(path, priors, kind="signals"):
-    """Labels finite and inside their priors ({name: priors.Prior}); for observations also finite
-    inputs. Reads in contiguous chunks; EventFileError naming the dataset, the count and the first index."""
+def check_file(path, kind="signals", priors=None):
+    """(number of events, shape of one event's data) of one file, opened once: its layout, and with
+    `priors` its values (labels finite and inside their priors, observation inputs finite), read in
+    contiguous chunks. EventFileError naming the file, the dataset, the count and the first index."""
     with open_event_file(path) as f:
-        for name, prior in priors.items():
-            if name not in f["labels"]:
-                raise EventFileError(f"{path}: missing dataset '/labels/{name}'")
-            _check_chunks(path, f"labels/{name}", f["labels"][name], prior)
-        if kind == "observations":
-            _check_chunks(path, f"data/{OBSERVATION_DATASET}", f["data"][OBSERVATION_DATASET], None)
+        events, shape, datasets = _check_layout(f, path, kind)
+        if priors is not None:
+            for name, prior in priors.items():
+                if f"labels/{name}" not in datasets:
+                    raise EventFileError(f"{path}: missing dataset '/labels/{name}'")
+                _check_chunks(path, f"labels/{name}", datasets[f"labels/{name}"], prior)
+            if kind == "observations":
+                _check_chunks(path, f"data/{OBSERVATION_DATASET}", datasets[f"data/{OBSERVATION_DATASET}"], None)
+    return events, shape
 
 
 def _check_chunks(path, name, dataset, prior):

@@ -1,8 +1,9 @@
-"""One-dimensional priors: uniform, loguniform and fixed, sampled with a seeded torch generator."""
+"""One-dimensional priors: uniform, loguniform and fixed, sampled with a seeded torch generator.
+
+torch is imported by the methods that use it: checking a config's priors (at every snakemake
+start) stays free of it."""
 
 import math
-
-import torch
 
 
 class Prior:
@@ -23,6 +24,8 @@ class Prior:
 
     def sample(self, n, generator):
         """n float64 draws."""
+        import torch
+
         if self.distribution == "fixed":
             return torch.full((n,), self.low, dtype=torch.float64, device=generator.device)
         u = torch.rand(n, generator=generator, dtype=torch.float64, device=generator.device)
@@ -32,6 +35,8 @@ class Prior:
 
     def log_prob(self, x):
         """Log density at x (float64 tensor); -inf outside the support."""
+        import torch
+
         inside = (x >= self.low) & (x <= self.high)
         if self.distribution == "uniform":
             density = torch.full_like(x, -math.log(self.high - self.low))

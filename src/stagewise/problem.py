@@ -2,13 +2,9 @@
 
 from pathlib import Path
 
-import torch
-
-from .data import StrainSimulator
-from .detectors import Detectors, read_asd_file
+from .config import check_stage
 from .events import read_frequencies
 from .priors import make_priors
-from .training.optim import check_stage
 
 
 def observations(config):
@@ -46,6 +42,11 @@ def make_simulator(config, event_file, fiducial_asd_file, asd_set_file=None, dev
     """The StrainSimulator of this config; ASDs are checked against the event file's frequencies.
 
     num_asd_bands only shapes the ASD features, which the trafo and SVD steps do not use."""
+    import torch  # here, not at the top: checking a config (at every snakemake start) needs no torch
+
+    from .data import StrainSimulator
+    from .detectors import Detectors, read_asd_file
+
     frequencies = read_frequencies(event_file)
     detectors = Detectors(config["detectors"])
     fiducial = read_asd_file(fiducial_asd_file, detectors.names, frequencies)[0]

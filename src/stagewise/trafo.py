@@ -102,11 +102,12 @@ def fit_trafo(batches, parameters, log_labels, standardize_inputs=True, log_inpu
         inputs = torch.as_tensor(inputs).to(torch.float64).cpu()
         if input_logs is None:
             input_logs = log_input_mask(inputs.shape[1:], log_inputs)
-        if (input_logs & (inputs <= 0)).any():
-            features = sorted({int(i) for i in torch.nonzero(input_logs & (inputs <= 0))[:, -1]})
-            raise ValueError(f"trafo.log_inputs: input feature(s) {features} have values <= 0")
+        if log_inputs:  # two passes over the inputs that only log inputs need
+            if (input_logs & (inputs <= 0)).any():
+                features = sorted({int(i) for i in torch.nonzero(input_logs & (inputs <= 0))[:, -1]})
+                raise ValueError(f"trafo.log_inputs: input feature(s) {features} have values <= 0")
+            inputs = torch.where(input_logs, torch.log(inputs.clamp_min(1e-300)), inputs)
         x = torch.where(logs, torch.log(x), x)
-        inputs = torch.where(input_logs, torch.log(inputs.clamp_min(1e-300)), inputs)
         sums["label"] += x.sum(0)
         sums["label_sq"] += x.square().sum(0)
         sums["input"] += inputs.sum(0)

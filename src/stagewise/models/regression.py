@@ -21,7 +21,9 @@ import tensorflow as tf  # noqa: E402
 from ..files import atomic_path  # noqa: E402
 from ..training.optim import EarlyStopping, LearningRate  # noqa: E402
 
-LOG_SIGMA_BOUND = 10.0  # log sigma is squashed into (-bound, bound): no overflow, no zero width
+# sigma = softplus(raw) + MIN_SIGMA: never zero, and unlike a squashed log sigma it has no flat
+# region where a network that started with too wide a sigma stops learning.
+MIN_SIGMA = 1e-3
 
 
 def configure(threads, seed):
@@ -58,7 +60,8 @@ def gaussian_nll(theta, mean, log_sigma, weights):
 
 @keras.saving.register_keras_serializable(package="stagewise")
 class RegressionModel(keras.Model):
-    """(inputs (B, C, 2F or K), ASD features (B, A)) -> (mean (B, P), log sigma (B, P)) in network space.
+    """(inputs (B, C, 2F or K), ASD features (B, A)) -> (mean (B, P), log sigma (B, P)) in network space,
+    with sigma = softplus(raw) + MIN_SIGMA.
 
     The first layer projects each channel onto K basis vectors (seeded by the SVD, can be
     frozen), divided by a fixed scale set from data, then residual blocks as in the torch
@@ -83,7 +86,11 @@ class RegressionModel(keras.Model):
             self.blocks.append((keras.layers.Dense(out, name=f"inner_{i}"), keras.layers.Dense(out, name=f"outer_{i}"),
                                 skip))
             previous = out
-        self.head = keras.layers.Dense(2 * a["num_parameters"], name="head")
+        # Starts at mean 0 and sigma 1 for every event (the trafo's scale): a loss near the number of
+        # labels, where a random head gives some events a tiny sigma and a loss in the thousands.
+        count = a["num_parameters"]
+        self.head = keras.layers.Dense(2 * count, name="head", kernel_initializer="zeros", bias_initializer=(
+            keras.initializers.Constant([0.0] * count + [float(np.log(np.expm1(1.0 - MIN_SIGMA)))] * count)))
 
     def project(self, inputs):
         flat = tf.reshape(inputs, (tf.shape(inputs)[0], self.architecture["num_detectors"], -1))
@@ -96,7 +103,7 @@ class RegressionModel(keras.Model):
         for inner, outer, skip in self.blocks:
             x = (x if skip is None else skip(x)) + outer(tf.nn.elu(inner(tf.nn.elu(x))))
         mean, raw = tf.split(self.head(tf.nn.elu(x)), 2, axis=1)
-        return mean, LOG_SIGMA_BOUND * tf.tanh(raw / LOG_SIGMA_BOUND)
+        return mean, tf.math.log(tf.nn.softplus(raw) + MIN_SIGMA)
 
     @property
     def architecture(self):

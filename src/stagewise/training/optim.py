@@ -7,36 +7,9 @@ import math
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from ..config import SCHEDULER_DEFAULTS
+
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-# The arguments each optimizer and scheduler takes besides `type` (and the optimizer's learning_rate).
-OPTIMIZER_ARGUMENTS = {
-    "adam": {"betas", "eps", "weight_decay", "amsgrad"},
-    "adamw": {"betas", "eps", "weight_decay", "amsgrad"},
-    "sgd": {"momentum", "dampening", "weight_decay", "nesterov"},
-}
-SCHEDULER_ARGUMENTS = {
-    "constant": set(),
-    "cosine": {"min_factor"},
-    "step": {"step_size", "gamma"},
-    "exponential": {"gamma"},
-    "reduce_on_plateau": {"factor", "patience", "threshold"},
-}
-SCHEDULER_DEFAULTS = {"min_factor": 0.0, "step_size": 10, "gamma": 0.1, "factor": 0.1, "patience": 5,
-                      "threshold": 1e-4}
-
-
-def check_stage(name, settings):
-    """ValueError naming the key when an optimizer or scheduler argument does not belong to its type."""
-    for section, allowed, skip in (("optimizer", OPTIMIZER_ARGUMENTS, {"type", "learning_rate"}),
-                                   ("scheduler", SCHEDULER_ARGUMENTS, {"type", "warmup_epochs"})):
-        kind = settings[section]["type"]
-        for key in set(settings[section]) - skip - allowed[kind]:
-            raise ValueError(f"training.{name}.{section}.{key}: not an argument of {section} type '{kind}' "
-                             f"(it takes {', '.join(sorted(allowed[kind])) or 'none'})")
-    warmup = settings["scheduler"].get("warmup_epochs", 0)
-    if warmup >= settings["epochs"]:
-        raise ValueError(f"training.{name}.scheduler.warmup_epochs: {warmup} must be below epochs "
-                         f"({settings['epochs']})")
 
 
 def make_optimizer(model, settings):
