@@ -108,6 +108,14 @@ def check_config(config):
             raise ValueError(f"intrinsic_prior: the simulated ringdowns need priors for {sorted(missing)}")
 
 
+def label_weights(config):
+    """Loss weight per inference parameter (gaussian_regression): `label_weight_dict` entries, else
+    `label_weight_initialization`."""
+    model = config["model"]
+    return [model["label_weight_dict"].get(name, model["label_weight_initialization"])
+            for name in config["inference_parameters"]]
+
+
 def check_regression_config(config):
     """Label weights name inference parameters and leave at least one label in the loss; the flow-only
     stage keys are not set."""
@@ -115,9 +123,7 @@ def check_regression_config(config):
     for name in model["label_weight_dict"]:
         if name not in config["inference_parameters"]:
             raise ValueError(f"model.label_weight_dict: '{name}' is not an inference parameter")
-    weights = [model["label_weight_dict"].get(n, model["label_weight_initialization"])
-               for n in config["inference_parameters"]]
-    if not any(w > 0 for w in weights):
+    if not any(w > 0 for w in label_weights(config)):
         raise ValueError("model.label_weight_dict: every label has weight 0; at least one must count in the loss")
     for name, stage in config["training"].items():
         for key in ("ema_decay", "warm_start"):

@@ -18,8 +18,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from .. import problem  # noqa: E402
 from ..files import atomic_path  # noqa: E402
-from ..training.optim import EarlyStopping, LearningRate  # noqa: E402
+from ..training.optim import EarlyStopping, LearningRate, batch_mean  # noqa: E402
 
 # sigma = softplus(raw) + MIN_SIGMA: never zero, and unlike a squashed log sigma it has no flat
 # region where a network that started with too wide a sigma stops learning.
@@ -40,10 +41,8 @@ def configure(threads, seed):
 
 
 def label_weights(config):
-    """Loss weight per inference parameter: `label_weight_dict` entries, else `label_weight_initialization`."""
-    model = config["model"]
-    return np.array([model["label_weight_dict"].get(name, model["label_weight_initialization"])
-                     for name in config["inference_parameters"]], dtype=np.float32)
+    """problem.label_weights as a float32 array for the loss."""
+    return np.array(problem.label_weights(config), dtype=np.float32)
 
 
 def gaussian_nll(theta, mean, log_sigma, weights):
@@ -229,11 +228,7 @@ class KerasRecipe:
         return loss, float(norm)
 
     def validation_loss(self, batches):
-        total, count = 0.0, 0
-        for batch in batches:
-            total += float(self.loss(*to_tf(batch))) * len(batch[0])
-            count += len(batch[0])
-        return total / count
+        return batch_mean(lambda batch: float(self.loss(*to_tf(batch))), batches)
 
     def current_learning_rate(self):
         return float(self.optimizer.learning_rate.numpy())

@@ -23,6 +23,15 @@ def make_optimizer(model, settings):
     return OPTIMIZERS[kind](trainable, lr=learning_rate, **options, **fused)
 
 
+def batch_mean(loss, batches):
+    """The mean of loss(batch) over `batches`, each weighted by its size (the last may be short)."""
+    total, count = 0.0, 0
+    for batch in batches:
+        total += loss(batch) * len(batch[0])
+        count += len(batch[0])
+    return total / count
+
+
 class LearningRate:
     """The learning rate of each epoch: an optional linear warm-up, then the scheduler.
 
@@ -169,11 +178,7 @@ class Recipe:
     def validation_loss(self, batches):
         model = self.evaluated
         model.eval()
-        total, count = 0.0, 0
-        for batch in batches:
-            total += model.loss(*batch).item() * len(batch[0])
-            count += len(batch[0])
-        return total / count
+        return batch_mean(lambda batch: model.loss(*batch).item(), batches)
 
     def end_epoch(self, validation_loss):
         self.learning_rate.step(validation_loss)
