@@ -45,15 +45,16 @@ def main():
     parser.add_argument("out")
     parser.add_argument("--minutes", type=float, default=8.0)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda", help="cpu runs the same script slowly (to check it)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench/gpu.py: no CUDA device")
     signal.alarm(int(args.minutes * 60))  # the time limit: SIGALRM ends the run
     started = time.perf_counter()
-    config = merge(default_config(device="cuda"), PRODUCTION)
+    config = merge(default_config(device=args.device), PRODUCTION)
     settings.validate(config, Path(__file__).resolve().parent.parent / "workflow/schemas/config.schema.yaml")
     with tempfile.TemporaryDirectory() as folder:
-        training = Training(config, prepare(Path(folder), config), "cuda")
+        training = Training(config, prepare(Path(folder), config), args.device)
         efficiency, fraction, details = training_figures(training, args.repeats)
     results = {"machine": machine(), "pipeline_efficiency": efficiency, "matmul_fraction": fraction,
                "details": {**details, "seconds": time.perf_counter() - started, "size": PRODUCTION}}

@@ -32,8 +32,8 @@ def direct_log_likelihood(data, parameters, simulator):
     for i in range(len(parameters["f0"])):
         point = {name: value[i:i + 1] for name, value in parameters.items()}
         h_plus, h_cross = ringdown_polarisations(point["f0"], point["tau"], simulator.frequencies)
-        signal = simulator.signals(h_plus.to(torch.complex128), h_cross.to(torch.complex128), point)[0]
-        residual = data - signal / simulator.fiducial_asd.double()
+        signal = simulator.whitened_signals(h_plus.to(torch.complex128), h_cross.to(torch.complex128), point)[0]
+        residual = data - signal
         values.append(-0.5 * residual.abs().square().sum() - data.numel() * math.log(2 * math.pi))
     return torch.stack(values).double()
 

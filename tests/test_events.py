@@ -4,7 +4,7 @@ import h5py
 import numpy as np
 import pytest
 
-from stagewise.events import EventFileError, count_events, count_splits, iter_chunks, read_events, write_event_file
+from stagewise.events import EventFileError, check_file, count_splits, iter_chunks, read_events, write_event_file
 
 NUM_BINS = 4
 
@@ -35,7 +35,7 @@ def files_of_sizes(tmp_path, sizes):
 def test_write_event_file_then_count_events_gives_the_number_written(tmp_path):
     path = signal_file(tmp_path / "events.h5", 0, 7)
 
-    assert count_events(path) == 7
+    assert check_file(path) == (7, (4,))
 
 
 def test_write_event_file_stores_labels_data_frequencies_and_attrs(tmp_path):
@@ -152,7 +152,7 @@ def test_iter_chunks_raises_when_the_files_hold_fewer_events_than_asked(tmp_path
     paths = files_of_sizes(tmp_path, [5, 7])
 
     with pytest.raises(EventFileError) as error:
-        next(iter_chunks(paths, ["x"], ["h_plus"], chunk_size=5, num_chunks=3))
+        list(iter_chunks(paths, ["x"], ["h_plus"], chunk_size=5, num_chunks=3))
 
     assert "hold 12 events" in str(error.value)
     assert "need 15" in str(error.value)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stagewise.data import StrainSimulator
-from stagewise.detectors import Detectors, optimal_snr
+from stagewise.detectors import Detectors
 from stagewise.priors import Prior, make_priors, sample_priors
 from stagewise.simulate.likelihood import log_likelihood
 from stagewise.simulate.noise import fiducial_asd, frequency_grid
@@ -152,6 +152,20 @@ def test_project_with_phase_gives_the_transform_of_the_phase_shifted_ringdown():
         torch.testing.assert_close(strain[0, d], expected, rtol=1e-10, atol=0.0)
 
 
+def test_project_delays_each_detector_by_its_time_offset():
+    detectors = Detectors(DETECTORS)
+    frequencies = frequency_grid(20.0, 512.0, 8.0)
+    h_plus, h_cross, _ = polarisations(3, dtype=torch.complex128)
+    zero = torch.zeros(3, dtype=torch.float64)
+
+    strain = detectors.project(h_plus, h_cross, zero, zero, frequencies)
+
+    for d, spec in enumerate(DETECTORS.values()):
+        expected = ((spec["antenna_plus"] * h_plus + spec["antenna_cross"] * h_cross)
+                    * torch.exp(-2j * math.pi * spec["time_offset"] * frequencies))
+        torch.testing.assert_close(strain[:, d], expected, rtol=1e-12, atol=1e-15)
+
+
 def test_project_with_time_shift_multiplies_by_the_fourier_phase_factor():
     detectors = Detectors(DETECTORS)
     frequencies = frequency_grid(20.0, 512.0, 8.0)
@@ -166,18 +180,6 @@ def test_project_with_time_shift_multiplies_by_the_fourier_phase_factor():
     torch.testing.assert_close(shifted, unshifted * factor, rtol=1e-10, atol=1e-14)
 
 
-def test_optimal_snr_of_a_strain_equal_to_the_asd_is_sqrt_of_the_number_of_bins():
-    frequencies = frequency_grid(20.0, 512.0, 8.0)
-    asd = torch.stack([fiducial_asd(frequencies, level) for level in (1.0, 1.2)])
-    rotation = torch.exp(1j * torch.rand(asd.shape, generator=generator(), dtype=torch.float64))
-    strain = torch.stack([3.0 * asd * rotation, 0.5 * asd * rotation])
-
-    snr = optimal_snr(strain, asd)
-
-    num_bins = asd.numel()
-    torch.testing.assert_close(snr, torch.tensor([3.0, 0.5], dtype=torch.float64) * math.sqrt(num_bins))
-
-
 # simulator
 
 
@@ -186,10 +188,30 @@ def test_simulator_signals_have_exactly_the_drawn_snr_with_the_fiducial_asd():
     h_plus, h_cross, _ = polarisations(64)
     extrinsic = sample_priors(simulator.extrinsic_priors, 64, generator())
 
-    strain = simulator.signals(h_plus, h_cross, extrinsic)
+    whitened = simulator.whitened_signals(h_plus, h_cross, extrinsic)
 
-    snr = optimal_snr(strain, simulator.fiducial_asd).to(torch.float64)
+    snr = torch.sqrt(whitened.abs().square().sum(dim=(1, 2))).to(torch.float64)
     torch.testing.assert_close(snr, extrinsic["snr"], rtol=1e-5, atol=0.0)
+
+
+def test_whitened_signals_equal_the_projected_strain_scaled_and_divided_by_each_asd():
+    """The simulator's short route (response at time 0, SNR, then one factor for time shift, SNR
+    scale and ASD ratio) against the definition, in complex128: project, scale to the SNR
+    with the fiducial ASD, divide by the sample's ASD."""
+    simulator = small_simulator()
+    h_plus, h_cross, _ = polarisations(64)
+    extrinsic = sample_priors(simulator.extrinsic_priors, 64, generator(3))
+    asds = simulator.fiducial_asd * (1.0 + torch.rand(64, *simulator.fiducial_asd.shape, generator=generator(4)))
+
+    whitened = simulator.whitened_signals(h_plus, h_cross, extrinsic, asds)
+
+    strain = simulator.detectors.project(h_plus.to(torch.complex128), h_cross.to(torch.complex128),
+                                         extrinsic["phase"], extrinsic["time"], simulator.frequencies)
+    fiducial = simulator.fiducial_asd.to(torch.float64)
+    snr = torch.sqrt((strain.abs() / fiducial).square().sum(dim=(1, 2)))
+    expected = strain * (extrinsic["snr"] / snr)[:, None, None] / asds.to(torch.float64)
+    scale = expected.abs().max()
+    torch.testing.assert_close(whitened.to(torch.complex128) / scale, expected / scale, rtol=0.0, atol=1e-5)
 
 
 def test_simulator_adds_standard_normal_noise_to_the_whitened_signal():
@@ -199,7 +221,7 @@ def test_simulator_adds_standard_normal_noise_to_the_whitened_signal():
     parameters, inputs, features = simulator(h_plus, h_cross, labels, generator(5))
 
     extrinsic = sample_priors(simulator.extrinsic_priors, 256, generator(5))  # the same first draws
-    whitened = simulator.signals(h_plus, h_cross, extrinsic) / simulator.fiducial_asd
+    whitened = simulator.whitened_signals(h_plus, h_cross, extrinsic)
     noise = inputs - torch.stack((whitened.real, whitened.imag), dim=2)
     assert inputs.shape == (256, 2, 2, 62)
     assert torch.equal(parameters["snr"], extrinsic["snr"])
@@ -225,7 +247,7 @@ def truth():
 def whitened_data(simulator, parameters, noise_generator):
     """Noise-free whitened signal (D, F) plus complex noise with standard-normal real and imaginary parts."""
     h_plus, h_cross = ringdown_polarisations(parameters["f0"], parameters["tau"], simulator.frequencies)
-    signal = simulator.signals(h_plus, h_cross, parameters)[0] / simulator.fiducial_asd
+    signal = simulator.whitened_signals(h_plus, h_cross, parameters)[0]
     shape = signal.shape
     noise = torch.complex(torch.randn(shape, generator=noise_generator, dtype=torch.float64),
                           torch.randn(shape, generator=noise_generator, dtype=torch.float64))

@@ -12,7 +12,6 @@ import logging
 import numpy as np
 import torch
 
-from .detectors import optimal_snr
 from .events import open_event_file, read_events, split_layout
 from .priors import sample_priors
 from .training.batches import EpochBatches
@@ -47,12 +46,23 @@ class StrainSimulator:
         self.set_features = None
         if self.asd_set is not None:
             self.set_features = (torch.log(self.asd_set / self.fiducial_asd) @ bands).flatten(1)
+        offsets = detectors.offset_shift(self.frequencies, torch.float64) / self.fiducial_asd.double().cpu()
+        self.offset_over_fiducial = offsets.to(self.device)
 
-    def signals(self, h_plus, h_cross, extrinsic):
-        """Noise-free strain (B, D, F) complex, scaled to the network SNR `extrinsic["snr"]`."""
-        strain = self.detectors.project(h_plus, h_cross, extrinsic["phase"], extrinsic["time"], self.frequencies)
-        scale = extrinsic["snr"].to(self.device, torch.float32) / optimal_snr(strain, self.fiducial_asd)
-        return strain * scale[:, None, None]
+    def whitened_signals(self, h_plus, h_cross, extrinsic, asds=None):
+        """Noise-free strain (B, D, F) complex at the network SNR `extrinsic["snr"]` (defined with
+        the fiducial ASD), divided by `asds` (B, D, F), by default by the fiducial ASD.
+
+        The detectors' time offsets and the fiducial whitening are one (D, F) factor; the event's
+        time shift has modulus 1 and leaves the SNR alone, so it comes last, with the SNR scale."""
+        real = h_plus.real.dtype
+        response = self.detectors.response(h_plus, h_cross, extrinsic["phase"])
+        whitened = response * self.offset_over_fiducial.to(response.dtype)
+        snr = torch.linalg.vector_norm(torch.view_as_real(whitened), dim=(1, 2, 3))
+        scale = extrinsic["snr"].to(self.device, real) / snr
+        shift = self.detectors.time_shift(extrinsic["time"].to(self.device), self.frequencies, real, scale)
+        whitened.mul_(shift[:, None])
+        return whitened if asds is None else whitened.mul_(self.fiducial_asd / asds)
 
     def __call__(self, h_plus, h_cross, intrinsic, generator, asd="fiducial"):
         """One batch: (parameters {name: float64 (B,)}, inputs float32 (B, D, 2, F), asd_features (B, A))."""
@@ -62,16 +72,16 @@ class StrainSimulator:
         """As __call__, plus the ASD (B, D, F) that whitened each sample."""
         batch = h_plus.shape[0]
         extrinsic = sample_priors(self.extrinsic_priors, batch, generator)
-        strain = self.signals(h_plus, h_cross, extrinsic)
         if asd == "set":
             index = torch.randint(len(self.asd_set), (batch,), generator=generator, device=self.device)
             asds, features = self.asd_set[index], self.set_features[index]
+            whitened = self.whitened_signals(h_plus, h_cross, extrinsic, asds)
         else:
             asds = self.fiducial_asd.expand(batch, -1, -1)
             features = torch.zeros(batch, self.num_asd_features, device=self.device)
-        whitened = strain / asds
-        noise = torch.randn((*whitened.shape, 2), generator=generator, device=self.device)
-        inputs = torch.stack((whitened.real, whitened.imag), dim=2) + noise.transpose(-1, -2)
+            whitened = self.whitened_signals(h_plus, h_cross, extrinsic)
+        noise = torch.randn((*whitened.shape[:2], 2, whitened.shape[2]), generator=generator, device=self.device)
+        inputs = noise.add_(torch.view_as_real(whitened).transpose(-1, -2))
         parameters = {**{k: torch.as_tensor(v, device=self.device) for k, v in intrinsic.items()}, **extrinsic}
         return parameters, inputs, features, asds
 
@@ -108,11 +118,15 @@ class EpochOrder:
         return torch.split(torch.cat(parts), batch_size)
 
 
+def memory_dtype(dtype):
+    """How event data of numpy `dtype` is held: complex as complex64, real as float32."""
+    return torch.complex64 if np.dtype(dtype).kind == "c" else torch.float32
+
+
 def _as_tensors(labels, data, device):
-    """labels as float64, complex data as complex64 and real data as float32, on `device`."""
+    """labels as float64 and data as memory_dtype, on `device`."""
     return ({k: torch.as_tensor(v, dtype=torch.float64, device=device) for k, v in labels.items()},
-            {k: torch.as_tensor(v, dtype=torch.complex64 if np.iscomplexobj(v) else torch.float32, device=device)
-             for k, v in data.items()})
+            {k: torch.as_tensor(v, dtype=memory_dtype(v.dtype), device=device) for k, v in data.items()})
 
 
 class EventBank:
@@ -149,16 +163,14 @@ class StreamedEventBank(EventBank):
     Batches are the same as an EventBank's of the same files and order.
     """
 
-    def __init__(self, paths, labels, data_keys, order, capacity, device):
+    def __init__(self, paths, labels, data_keys, per_event, order, capacity, device):
         self.paths, self.label_names, self.data_keys = list(paths), list(labels), list(data_keys)
         self.order, self.capacity, self._device = order, capacity, torch.device(device)
         self.starts = order.starts.to(self._device)
         self.cache = {}
         self.reads = 0
-        with open_event_file(self.paths[0]) as f:
-            _, first = _as_tensors({}, {k: f["data"][k][:1] for k in self.data_keys}, "cpu")
-        self.shapes = {k: v.shape[1:] for k, v in first.items()}
-        self.dtypes = {k: v.dtype for k, v in first.items()}
+        self.shapes = {k: shape for k, (shape, _) in per_event.items()}
+        self.dtypes = {k: memory_dtype(dtype) for k, (_, dtype) in per_event.items()}
 
     def __len__(self):
         return len(self.order)
@@ -209,7 +221,9 @@ def event_bank(paths, labels, data_keys, shuffle, memory_limit_mb, device):
 
     shuffle: {block_events, buffer_mb} (config `data.shuffle`); streaming holds at most two
     shuffle buffers at once."""
-    sizes, event_bytes = split_layout(paths, labels, data_keys)
+    sizes, per_event = split_layout(paths, data_keys)
+    event_bytes = 8 * len(labels) + sum(int(np.prod(shape)) * memory_dtype(dtype).itemsize
+                                        for shape, dtype in per_event.values())
     buffer_blocks = max(1, int(shuffle["buffer_mb"] * 2**20 // (shuffle["block_events"] * event_bytes)))
     order = EpochOrder(sizes, shuffle["block_events"], buffer_blocks)
     total_mb = sum(sizes) * event_bytes / 2**20
@@ -218,4 +232,4 @@ def event_bank(paths, labels, data_keys, shuffle, memory_limit_mb, device):
     log.info("%.0f MB of events in %d files exceed local.memory_limit_mb (%s MB): streaming them in blocks of %d "
              "events, shuffled in buffers of %d blocks", total_mb, len(paths), memory_limit_mb,
              shuffle["block_events"], buffer_blocks)
-    return StreamedEventBank(paths, labels, data_keys, order, buffer_blocks, device)
+    return StreamedEventBank(paths, labels, data_keys, per_event, order, buffer_blocks, device)

@@ -33,21 +33,35 @@ class Detectors:
         phase (rad), time (s): float64 (B,). frequencies: float64 (F,) in Hz.
         Returns complex (B, D, F).
         """
-        device, real = h_plus.device, h_plus.real.dtype
-        cos, sin = (f(phase).to(device, real)[:, None] for f in (torch.cos, torch.sin))
-        plus = cos * h_plus - sin * h_cross
-        cross = sin * h_plus + cos * h_cross
-        fp = self.antenna_plus.to(device, real)[None, :, None]
-        fx = self.antenna_cross.to(device, real)[None, :, None]
-        strain = fp * plus[:, None, :] + fx * cross[:, None, :]
-        delay = time.to(device, torch.float64)[:, None, None] + self.time_offset.to(device)[None, :, None]
-        angle = (-2 * math.pi * delay * frequencies.to(device)).to(real)  # in float64, then the data's precision
-        return strain * torch.polar(torch.ones_like(angle), angle)
+        real = h_plus.real.dtype
+        shift = self.time_shift(time, frequencies, real)[:, None] * self.offset_shift(frequencies, real).to(time.device)
+        return self.response(h_plus, h_cross, phase) * shift
 
+    def response(self, h_plus, h_cross, phase):
+        """Strain in each detector at time 0 without the detectors' time offsets: complex (B, D, F),
+        in the polarisations' precision.
 
-def optimal_snr(strain, asd):
-    """sqrt(sum |h / ASD|^2) over detectors and frequencies; strain (B, D, F), asd (D, F) or (B, D, F)."""
-    return torch.sqrt(((strain.real.square() + strain.imag.square()) / asd.square()).sum(dim=(-2, -1)))
+        F+ (cos h+ - sin hx) + Fx (sin h+ + cos hx) = a h+ + b hx, with the real (B, D)
+        weights a and b worked out first: two real products per element."""
+        real = h_plus.real.dtype
+        cos, sin = torch.cos(phase)[:, None], torch.sin(phase)[:, None]
+        fp, fx = (f.to(phase.device)[None] for f in (self.antenna_plus, self.antenna_cross))
+        a, b = (w.to(h_plus.device, real)[:, :, None, None] for w in (fp * cos + fx * sin, fx * cos - fp * sin))
+        strain = (a * torch.view_as_real(h_plus)[:, None]).addcmul_(b, torch.view_as_real(h_cross)[:, None])
+        return torch.view_as_complex(strain)
+
+    @staticmethod
+    def time_shift(time, frequencies, dtype, scale=None):
+        """exp(-2 pi i f time), times `scale` (B,) when given: complex (B, F) of real precision
+        `dtype`, the phase worked out in float64."""
+        angle = (-2 * math.pi * time.to(torch.float64)[:, None] * frequencies.to(time.device, torch.float64))
+        angle = angle.to(dtype)
+        return torch.polar(torch.ones_like(angle) if scale is None else scale.to(dtype)[:, None], angle)
+
+    def offset_shift(self, frequencies, dtype):
+        """exp(-2 pi i f offset) of each detector's arrival-time offset: complex (D, F)."""
+        angle = (-2 * math.pi * self.time_offset[:, None] * frequencies.cpu().to(torch.float64)).to(dtype)
+        return torch.polar(torch.ones_like(angle), angle)
 
 
 def write_asd_file(path, frequencies, asds, attrs=None):

@@ -98,12 +98,6 @@ def _check_layout(f, path, kind):
     return events, (width,), datasets
 
 
-def count_events(path, kind="signals"):
-    """Number of events in one file, from metadata only."""
-    with open_event_file(path) as f:
-        return _check_layout(f, path, kind)[0]
-
-
 def count_splits(splits, kind="signals", priors=None):
     """Events per file and total per split; `splits` maps split name to a list of paths.
 
@@ -165,17 +159,16 @@ def _check_chunks(path, name, dataset, prior):
         raise EventFileError(f"{path}: '/{name}' holds NaN or inf in {count} event(s), the first at event {first}")
 
 
-def split_layout(paths, labels, data_keys):
-    """(events per file, bytes per event in memory), from metadata: labels count as float64,
-    complex data as complex64 and real data as float32."""
-    sizes, event_bytes = [], 8 * len(labels)
+def split_layout(paths, data_keys):
+    """(events per file, {data key: (shape of one event, numpy dtype)}), from metadata; the shapes
+    and dtypes are the first file's (count_events checked that every file agrees)."""
+    sizes, per_event = [], None
     for path in paths:
         with open_event_file(path) as f:
             datasets = [f["data"][k] for k in data_keys]
             sizes.append(datasets[0].shape[0])
-            if len(sizes) == 1:
-                event_bytes += sum(int(np.prod(d.shape[1:])) * (8 if d.dtype.kind == "c" else 4) for d in datasets)
-    return sizes, event_bytes
+            per_event = per_event or {k: (d.shape[1:], d.dtype) for k, d in zip(data_keys, datasets)}
+    return sizes, per_event
 
 
 def read_frequencies(path):
@@ -209,21 +202,15 @@ def read_events(paths, labels, data_keys, limit=None):
     return labels_arr, data_arr
 
 
-def iter_chunks(paths, labels, data_keys, chunk_size, num_chunks, kind="signals"):
+def iter_chunks(paths, labels, data_keys, chunk_size, num_chunks):
     """Yield `num_chunks` consecutive chunks of `chunk_size` events, read file by file.
 
     Each chunk is (labels dict, data dict) of numpy arrays; only one chunk (plus one
-    block of the current file) is in memory at a time. Raises EventFileError when the
-    files hold fewer than chunk_size * num_chunks events."""
+    block of the current file) is in memory at a time. Each file is opened once; when the
+    files hold fewer than chunk_size * num_chunks events, EventFileError follows the last
+    full chunk."""
     if not paths:
         raise EventFileError("no event files given")
-    needed = chunk_size * num_chunks
-    available = sum(count_events(p, kind) for p in paths)
-    if available < needed:
-        raise EventFileError(
-            f"{len(paths)} file(s) starting with {paths[0]} hold {available} events, "
-            f"but {num_chunks} batches of {chunk_size} need {needed}"
-        )
     keys = [("labels", k) for k in labels] + [("data", k) for k in data_keys]
     buffer = {key: [] for key in keys}
     buffered = emitted = 0
@@ -235,7 +222,8 @@ def iter_chunks(paths, labels, data_keys, chunk_size, num_chunks, kind="signals"
                     buffer[group, name].append(f[group][name][start : start + chunk_size])
                 buffered += min(chunk_size, n - start)
                 while buffered >= chunk_size:
-                    joined = {key: np.concatenate(parts) for key, parts in buffer.items()}
+                    joined = {key: parts[0] if len(parts) == 1 else np.concatenate(parts)
+                              for key, parts in buffer.items()}
                     yield (
                         {name: joined["labels", name][:chunk_size] for name in labels},
                         {name: joined["data", name][:chunk_size] for name in data_keys},
@@ -243,5 +231,8 @@ def iter_chunks(paths, labels, data_keys, chunk_size, num_chunks, kind="signals"
                     emitted += 1
                     if emitted == num_chunks:
                         return
-                    buffer = {key: [value[chunk_size:]] for key, value in joined.items()}
+                    buffer = {key: [value[chunk_size:]] if len(value) > chunk_size else []
+                              for key, value in joined.items()}
                     buffered -= chunk_size
+    raise EventFileError(f"{len(paths)} file(s) starting with {paths[0]} hold {emitted * chunk_size + buffered} "
+                         f"events, but {num_chunks} batches of {chunk_size} need {chunk_size * num_chunks}")

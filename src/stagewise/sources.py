@@ -8,7 +8,7 @@ stage runner, the model and the evaluation need nothing else of the kind of data
 import torch
 
 from .data import EventBank, event_bank
-from .events import OBSERVATION_DATASET, SIGNAL_DATASETS, read_events
+from .events import OBSERVATION_DATASET, SIGNAL_DATASETS, read_events, split_layout
 from .problem import intrinsic_names, make_simulator, observations
 
 
@@ -83,6 +83,7 @@ class ObservationSource(Source):
 def make_source(config, event_file, fiducial_asd=None, asd_set=None, device="cpu"):
     """The source of this config's kind of data; `event_file` gives the shape of the data."""
     if observations(config):
-        _, data = read_events([event_file], [], (OBSERVATION_DATASET,), limit=1)
-        return ObservationSource(config, data[OBSERVATION_DATASET].shape[1], device)
+        _, per_event = split_layout([event_file], (OBSERVATION_DATASET,))
+        (num_inputs,), _ = per_event[OBSERVATION_DATASET]
+        return ObservationSource(config, num_inputs, device)
     return SignalSource(config, event_file, fiducial_asd, asd_set, device)

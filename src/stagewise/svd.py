@@ -20,8 +20,8 @@ PERCENTILES = (50, 90, 99, 99.9)
 def whitened_signal_vectors(simulator, trafo, h_plus, h_cross, generator):
     """Unit-norm real vectors (N, D, 2F) of noise-free whitened, standardised signals."""
     extrinsic = sample_priors(simulator.extrinsic_priors, h_plus.shape[0], generator)
-    whitened = simulator.signals(h_plus, h_cross, extrinsic) / simulator.fiducial_asd
-    real = torch.stack((whitened.real, whitened.imag), dim=2).to(torch.float64)
+    whitened = simulator.whitened_signals(h_plus, h_cross, extrinsic)
+    real = torch.view_as_real(whitened).transpose(-1, -2).to(torch.float64)
     real = (real / trafo.input_std.to(real)).flatten(2)
     return real / torch.linalg.vector_norm(real, dim=-1, keepdim=True)
 

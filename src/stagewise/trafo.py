@@ -154,6 +154,6 @@ def signal_batches(paths, intrinsic_names, simulator, num_batches, batch_size, s
 
 def observation_batches(paths, names, num_batches, batch_size):
     """Trafo batches of ready observations, read in contiguous chunks."""
-    chunks = iter_chunks(paths, names, (OBSERVATION_DATASET,), batch_size, num_batches, kind="observations")
+    chunks = iter_chunks(paths, names, (OBSERVATION_DATASET,), batch_size, num_batches)
     for labels, data in tqdm(chunks, total=num_batches, desc="fit_trafo", mininterval=2):
         yield labels, data[OBSERVATION_DATASET]
