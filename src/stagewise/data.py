@@ -75,11 +75,10 @@ class StrainSimulator:
         if asd == "set":
             index = torch.randint(len(self.asd_set), (batch,), generator=generator, device=self.device)
             asds, features = self.asd_set[index], self.set_features[index]
-            whitened = self.whitened_signals(h_plus, h_cross, extrinsic, asds)
         else:
             asds = self.fiducial_asd.expand(batch, -1, -1)
             features = torch.zeros(batch, self.num_asd_features, device=self.device)
-            whitened = self.whitened_signals(h_plus, h_cross, extrinsic)
+        whitened = self.whitened_signals(h_plus, h_cross, extrinsic, asds if asd == "set" else None)
         noise = torch.randn((*whitened.shape[:2], 2, whitened.shape[2]), generator=generator, device=self.device)
         inputs = noise.add_(torch.view_as_real(whitened).transpose(-1, -2))
         parameters = {**{k: torch.as_tensor(v, device=self.device) for k, v in intrinsic.items()}, **extrinsic}

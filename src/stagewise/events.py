@@ -102,7 +102,7 @@ def count_splits(splits, kind="signals", priors=None):
     """Events per file and total per split; `splits` maps split name to a list of paths.
 
     Every file is opened once, however many splits list it: its layout is checked, and with
-    `priors` ({name: priors.Prior}) its values too (see check_values). Every file must hold
+    `priors` ({name: priors.Prior}) its values too (see check_file). Every file must hold
     the same shape of data per event."""
     checked, counts, first = {}, {}, None
     for split, paths in splits.items():
@@ -161,7 +161,7 @@ def _check_chunks(path, name, dataset, prior):
 
 def split_layout(paths, data_keys):
     """(events per file, {data key: (shape of one event, numpy dtype)}), from metadata; the shapes
-    and dtypes are the first file's (count_events checked that every file agrees)."""
+    and dtypes are the first file's (the count_events step checked that every file agrees)."""
     sizes, per_event = [], None
     for path in paths:
         with open_event_file(path) as f:

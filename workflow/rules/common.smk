@@ -11,7 +11,7 @@ os.environ.update(
 )
 
 from stagewise import config as settings
-from stagewise.problem import check_config
+from stagewise.problem import check_config, is_regression
 
 settings.validate(
     config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
@@ -65,7 +65,7 @@ def stage_dir(stage):
 
 def stage_model(stage):
     """A stage's model file: torch (.pt) for flows, Keras (.keras) for gaussian_regression."""
-    suffix = ".keras" if config["model"]["type"] == "gaussian_regression" else ".pt"
+    suffix = ".keras" if is_regression(config) else ".pt"
     return stage_dir(stage) / f"model_{stage}{suffix}"
 
 

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from stagewise.evaluate.run import evaluate, evaluate_regression
 from stagewise.logs import log_to_file
+from stagewise.problem import is_regression
 
 log_to_file(snakemake.log[0])
 config = {**snakemake.params.settings, "local": snakemake.config["local"]}
@@ -14,5 +15,5 @@ inputs = dict(
     svd=dict(zip(snakemake.params.svd_names, snakemake.input.svd)),
     compare=dict(zip(snakemake.params.compare_runs, snakemake.input.compare)),
 )
-run = evaluate_regression if config["model"]["type"] == "gaussian_regression" else evaluate
+run = evaluate_regression if is_regression(config) else evaluate
 run(config, inputs, Path(snakemake.output.metrics).parent, snakemake.threads)

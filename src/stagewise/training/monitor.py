@@ -24,6 +24,14 @@ TAGS = {
 }
 
 
+def write_local_settings(path, local):
+    """local_settings.yaml: the `local` section this job runs with, and the W&B run ids that
+    earlier jobs kept there."""
+    path = Path(path)
+    kept = (yaml.safe_load(path.read_text()) if path.exists() else None) or {}
+    write_yaml(path, local | {"wandb_run_ids": kept.get("wandb_run_ids", {})})
+
+
 class Monitor:
     """begin(epochs done), log(history row) after each epoch, close()."""
 

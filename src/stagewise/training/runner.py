@@ -1,10 +1,11 @@
 """Run the epochs of one training stage with checkpoints, resume, signals and runtime limits.
 
-The runner knows nothing of the physics: it gets a model with `loss(*batch)`, a
-recipe (optimizer, learning rate, clipping, EMA, early stopping) and two functions that return batches. `train_batches(epoch)`
-returns an EpochBatches whose data order and random draws depend only on the epoch
-number, so resuming from a checkpoint, at an epoch boundary or in the middle of an
-epoch, reproduces the uninterrupted run bit for bit.
+The runner knows nothing of the physics: it gets a recipe (the model and what updates
+it: optimizer, learning rate, clipping, EMA, early stopping; see optim.Recipe) and two
+functions that return batches. `train_batches(epoch)` returns an EpochBatches whose
+data order and random draws depend only on the epoch number, so resuming from a
+checkpoint, at an epoch boundary or in the middle of an epoch, reproduces the
+uninterrupted run bit for bit.
 
 A stop request (SIGTERM, SIGINT or SIGUSR1, as schedulers send before a kill) or a
 runtime limit makes the runner write a checkpoint at the next step boundary and raise
