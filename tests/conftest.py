@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ TINY = REPO / "tests" / "configs" / "tiny.yaml"
 SYSTEM_UP = REPO / "tests" / "system-up.sh"
 # The parts of tests/system-up.sh each test file needs.
 SYSTEM_PARTS = {"test_evaluation.py": "chromium", "test_slurm.py": "slurm"}
+EPOCH_LINE = re.compile(r"^(\S+ \S+) INFO \S+: epoch \d+/\d+: train loss", re.M)
 _system = {}
 
 
@@ -104,3 +106,24 @@ def tiny_run(tmp_path_factory):
     evaluation_after_first = (workdir / "results/tiny/evaluation").exists()
     second = planned_jobs(snakemake(workdir).output)
     return workdir, first, second, evaluation_after_first
+
+
+def cluster_overrides(epochs):
+    """The cluster tests' settings: one thread, a 1-minute 2 GB training job, and stage 0 with
+    `epochs` epochs of batch size 10."""
+    return {"local": {"threads": 1, "training_job": {"mem_mb": 2000, "runtime": 1}},
+            "training": {"stage_0": {"epochs": epochs, "batch_size": 10}}}
+
+
+@pytest.fixture(scope="session")
+def seconds_per_epoch(tmp_path_factory):
+    """Seconds per epoch of the cluster tests' stage 0 on this machine, timed by a short local training.
+
+    The cluster tests need a training that outlasts its job's time limit: they size it from this,
+    so that it does so on a fast machine as on a slow one."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("calibration"))
+    snakemake(workdir, "train_stage_0", overrides=cluster_overrides(12))
+    log = (workdir / "results/tiny/logs/train_stage_0.log").read_text()
+    stamps = [datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f") for stamp in EPOCH_LINE.findall(log)]
+    assert len(stamps) == 12, log[-2000:]
+    return (stamps[-1] - stamps[0]).total_seconds() / (len(stamps) - 1)

@@ -10,6 +10,7 @@ fails it after --htcondor-held-timeout, Snakemake resubmits it, and it resumes.
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,31 +19,32 @@ from pathlib import Path
 import torch
 import yaml
 
-from conftest import REPO, copy_workflow
+from conftest import REPO, cluster_overrides, copy_workflow
 
-OVERRIDES = {
-    "local": {"threads": 1, "training_job": {"mem_mb": 2000, "runtime": 1}},
-    "training": {"stage_0": {"epochs": 100, "batch_size": 10}},
-}
+HOLD_AFTER = 15
+# Twice the hold time of training: stage 0 is held once on any machine.
+TRAINING_SECONDS = 2 * HOLD_AFTER
 CONFIGS = ["--configfile", "config/config.yaml", "tiny.yaml", "overrides.yaml"]
 
 
-def prepared(workdir):
+def prepared(workdir, settings):
     workdir = copy_workflow(workdir)
-    (workdir / "overrides.yaml").write_text(yaml.safe_dump(OVERRIDES))
+    (workdir / "overrides.yaml").write_text(yaml.safe_dump(settings))
     return workdir
 
 
-def test_pipeline_through_the_condor_profile_submits_what_it_should_and_resumes_a_held_job(tmp_path):
+def test_pipeline_through_the_condor_profile_submits_what_it_should_and_resumes_a_held_job(seconds_per_epoch,
+                                                                                           tmp_path):
+    settings = cluster_overrides(math.ceil(TRAINING_SECONDS / seconds_per_epoch))
     env = dict(os.environ, CONDOR_CONFIG="/dev/null")
-    local = prepared(tmp_path / "local")
+    local = prepared(tmp_path / "local", settings)
     reference = subprocess.Popen([sys.executable, "-m", "snakemake", "train_stage_1", "--cores", "1", *CONFIGS],
                                  cwd=local, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    cluster = prepared(tmp_path / "cluster")
+    cluster = prepared(tmp_path / "cluster", settings)
     result = subprocess.run(
         [sys.executable, str(REPO / "tests/cluster/local_schedd.py"), "submits.jsonl", "--profile", "profiles/condor",
          "--htcondor-held-timeout", "1", "--seconds-between-status-checks", "1", *CONFIGS],
-        cwd=cluster, env=dict(env, LOCAL_SCHEDD_HOLD_AFTER="15"), capture_output=True, text=True)
+        cwd=cluster, env=dict(env, LOCAL_SCHEDD_HOLD_AFTER=str(HOLD_AFTER)), capture_output=True, text=True)
     assert reference.wait(timeout=600) == 0
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
 

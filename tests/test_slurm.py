@@ -9,6 +9,7 @@ backed by /dev/null, and the test reads back from SLURM's accounting (sacct ReqT
 that the training jobs, and only they, asked for a GPU.
 """
 
+import math
 import os
 import shutil
 import subprocess
@@ -19,13 +20,11 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, copy_workflow, snakemake, system_up
+from conftest import REPO, cluster_overrides, copy_workflow, snakemake, system_up
 
-OVERRIDES = {
-    "local": {"threads": 1, "training_job": {"mem_mb": 2000, "runtime": 1}},
-    # About 80 s of training here (0.36 s per epoch): more than one 1-minute job, less than two.
-    "training": {"stage_0": {"epochs": 220, "batch_size": 10}},
-}
+# slurmctld checks time limits every 30 s, so a 1-minute job is stopped 60 to 90 s after it
+# starts: more than 90 s of training outlasts the first job.
+TRAINING_SECONDS = 110
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +45,11 @@ def accounting(since):
     return [tuple(line.split("|")) for line in out.splitlines() if line.startswith("rule_")]
 
 
-def test_pipeline_on_slurm_resumes_after_time_limit_to_the_local_result(slurm, tmp_path):
+def test_pipeline_on_slurm_resumes_after_time_limit_to_the_local_result(slurm, seconds_per_epoch, tmp_path):
+    settings = cluster_overrides(math.ceil(TRAINING_SECONDS / seconds_per_epoch))
     since = time.strftime("%Y-%m-%dT%H:%M:%S")
     local = copy_workflow(tmp_path / "local")
-    (local / "overrides.yaml").write_text(yaml.safe_dump(OVERRIDES))
+    (local / "overrides.yaml").write_text(yaml.safe_dump(settings))
     reference = subprocess.Popen(
         [sys.executable, "-m", "snakemake", "train_stage_1", "--cores", "1", "--configfile",
          "config/config.yaml", "tiny.yaml", "overrides.yaml"],
@@ -60,7 +60,7 @@ def test_pipeline_on_slurm_resumes_after_time_limit_to_the_local_result(slurm, t
     # this many seconds after a submission or a finished job, then 10 s later after each check
     # that found nothing finished.
     result = snakemake(cluster, "--profile", "profiles/slurm", "--slurm-init-seconds-before-status-checks", "1",
-                       "--seconds-between-status-checks", "2", overrides=OVERRIDES, check=False)
+                       "--seconds-between-status-checks", "2", overrides=settings, check=False)
     assert reference.wait(timeout=600) == 0
     assert result.returncode == 0, result.output[-4000:]
 
@@ -73,7 +73,8 @@ def test_pipeline_on_slurm_resumes_after_time_limit_to_the_local_result(slurm, t
         assert ("gres/gpu=1" in tres) == rule.startswith("rule_train_stage"), (rule, tres)
     log = (cluster / "results/tiny/logs/train_stage_0.log").read_text()
     assert "resuming epoch" in log or "resuming from" in log
-    print(f"SLURM jobs: {len(jobs)}, stopped by their time limit: {stage_0_states.count('TIMEOUT')}")
+    print(f"SLURM jobs: {len(jobs)}, stopped by their time limit: {stage_0_states.count('TIMEOUT')}, "
+          f"stage 0 epochs: {settings['training']['stage_0']['epochs']}")
 
     for stage in ("stage_0", "stage_1"):
         ours = torch.load(cluster / f"results/tiny/{stage}/model_{stage}.pt", weights_only=False)
