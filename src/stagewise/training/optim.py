@@ -165,14 +165,15 @@ class Recipe:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.model.loss(*batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()}")
+        value = loss.item()  # one host sync checks and returns the loss
+        if not math.isfinite(value):
+            raise FloatingPointError(f"loss is {value}")
         loss.backward()
         grad_norm = clip_gradients(self.model.parameters(), self.clip)
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
-        return loss.item(), grad_norm
+        return value, grad_norm
 
     @torch.no_grad()
     def validation_loss(self, batches):
