@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+from snakemake.utils import update_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import Training, default_config, machine, prepare, training_figures  # noqa: E402
@@ -31,15 +32,6 @@ PRODUCTION = {
 }
 
 
-def merge(base, override):
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            merge(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out")
@@ -51,7 +43,8 @@ def main():
         sys.exit("bench/gpu.py: no CUDA device")
     signal.alarm(int(args.minutes * 60))  # the time limit: SIGALRM ends the run
     started = time.perf_counter()
-    config = merge(default_config(device=args.device), PRODUCTION)
+    config = default_config(device=args.device)
+    update_config(config, PRODUCTION)
     settings.validate(config, Path(__file__).resolve().parent.parent / "workflow/schemas/config.schema.yaml")
     with tempfile.TemporaryDirectory() as folder:
         training = Training(config, prepare(Path(folder), config), args.device)
