@@ -8,7 +8,7 @@ TORCH_PIN := torch==2.13.0
 CORES ?= 2
 RUN := default
 
-.PHONY: setup run test bench dag clean
+.PHONY: setup run lint test test-fast bench dag clean
 
 setup: $(VENV)/.installed
 
@@ -24,8 +24,19 @@ run: setup
 	CONDOR_CONFIG=/dev/null $(BIN)/snakemake --report results/$(RUN)/report.html
 	@echo "Report: $(CURDIR)/results/$(RUN)/report.html (metrics: results/$(RUN)/evaluation/metrics.json)"
 
-test: setup
+# Static checks: ruff, the layer contract (pyproject's [tool.importlinter]) and the type checker.
+# snakefmt and `snakemake --lint` run inside the tests (tests/test_workflow.py).
+lint: setup
+	$(BIN)/ruff check src tests bench workflow/scripts examples
+	$(BIN)/lint-imports
+	$(BIN)/mypy
+
+test: lint
 	CONDOR_CONFIG=/dev/null $(BIN)/python -m pytest
+
+# The quick loop: everything but the tests marked slow (real Snakemake runs end to end, cluster, browser).
+test-fast: lint
+	CONDOR_CONFIG=/dev/null $(BIN)/python -m pytest -m "not slow"
 
 bench: setup
 	CONDOR_CONFIG=/dev/null $(BIN)/python bench/bench.py

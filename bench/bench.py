@@ -33,8 +33,8 @@ from stagewise.sources import make_source
 from stagewise.steps import build_svd_step, count_events_step, fit_trafo_step
 from stagewise.svd import fit_basis, mismatch_table
 from stagewise.trafo import Trafo
-from stagewise.training.optim import Recipe
-from stagewise.training.stage import new_model
+from stagewise.training.optim import TorchRecipe
+from stagewise.training.stage import StageSettings, new_flow_model
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 8  # training steps per timing
@@ -55,7 +55,7 @@ def default_config(**local):
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config["simulation"]["num_files"] = {"training": 4, "validation": 1, "test": 1}
     config["local"].update(local)
-    settings.validate(config, REPO / "workflow/schemas/config.schema.yaml")
+    settings.validate(config)
     return config
 
 
@@ -71,9 +71,8 @@ def prepare(folder, config):
              "test": events[validation:]}
     count_events_step(settings.count_settings(config), split, folder / "counts.yaml")
     fit_trafo_step(settings.trafo_settings(config), split["trafo"], fiducial, folder / "trafo.h5")
-    svd = [folder / f"svd_{d}.h5" for d in config["detectors"]]
-    build_svd_step(settings.svd_settings(config), split["training"], fiducial, folder / "trafo.h5",
-                   dict(zip(config["detectors"], svd)))
+    svd = {d: folder / f"svd_{d}.h5" for d in config["detectors"]}
+    build_svd_step(settings.svd_settings(config), split["training"], fiducial, folder / "trafo.h5", svd)
     return dict(split=split, fiducial=fiducial, asd_set=asd_set, trafo=folder / "trafo.h5", svd=svd)
 
 
@@ -82,18 +81,20 @@ class Training:
 
     def __init__(self, config, files, device):
         self.device = torch.device(device)
-        self.source = make_source(config, files["split"]["training"][0], files["fiducial"], files["asd_set"], device)
+        stage = StageSettings.from_settings(settings.stage_settings(config, "stage_0"), "stage_0")
+        self.source = make_source(stage.problem, files["split"]["training"][0], files["fiducial"], files["asd_set"],
+                                  device, stage.model["num_asd_bands"])
         self.trafo = Trafo.load(files["trafo"])
-        self.bank = self.source.bank(files["split"]["training"])
-        self.model = new_model(config, self.source, self.trafo, files["svd"], self.bank)
-        self.recipe = Recipe(self.model, config["training"]["stage_0"])
+        self.bank = self.source.bank(files["split"]["training"], stage.shuffle, config["local"]["memory_limit_mb"])
+        self.model = new_flow_model(stage, self.source, self.trafo, files["svd"], self.bank)
+        self.recipe = TorchRecipe(self.model, stage.training)
         self.batch_size = config["training"]["stage_0"]["batch_size"]
         self.make = self.source.batch_maker(self.bank, self.trafo, "fiducial")
 
     def batches(self, count, epoch=1):
         generator = seeds.generator(0, "bench", epoch, device=self.device)
         epoch_batches = self.bank.epoch(self.batch_size, generator, self.make)
-        return [batch for _, batch in zip(range(count), epoch_batches)]
+        return [batch for _, batch in zip(range(count), epoch_batches, strict=False)]
 
     def sync(self):
         if self.device.type == "cuda":
@@ -114,7 +115,7 @@ class Training:
         """Steps that make their batch (event lookup, projection, whitening, noise) as they go."""
         generator = seeds.generator(0, "bench", epoch, device=self.device)
         epoch_batches = self.bank.epoch(self.batch_size, generator, self.make)
-        return (batch for _, batch in zip(range(STEPS), epoch_batches))
+        return (batch for _, batch in zip(range(STEPS), epoch_batches, strict=False))
 
     def step_flops(self, batch):
         with FlopCounterMode(display=False) as counter:
@@ -216,7 +217,8 @@ def small_files(folder, count, events=16):
     for i in range(count):
         paths.append(folder / f"small_{i:04d}.h5")
         write_event_file(paths[-1], {"f0": rng.uniform(60, 240, events), "tau": rng.uniform(0.02, 0.09, events)},
-                         {"h_plus": np.zeros((events, 8), np.complex64), "h_cross": np.zeros((events, 8), np.complex64)},
+                         {"h_plus": np.zeros((events, 8), np.complex64),
+                          "h_cross": np.zeros((events, 8), np.complex64)},
                          "signals", np.arange(8.0))
     return paths
 
@@ -289,14 +291,14 @@ def trafo_figure(config, files, folder, repeats):
 def svd_figure(config, files, repeats):
     """(f) build_svd's full SVD against a randomized one (torch.svd_lowrank) at the default size:
     speed-up of the randomized SVD, and both mismatches on held-out signals."""
-    from stagewise.problem import make_simulator
+    from stagewise.sources import make_simulator
     from stagewise.svd import whitened_signal_vectors
 
-    svd = config["svd"]
-    simulator = make_simulator(config, files["split"]["training"][0], files["fiducial"])
+    svd, problem = config["svd"], settings.Problem.from_settings(config)
+    simulator = make_simulator(problem, files["split"]["training"][0], files["fiducial"])
     trafo = Trafo.load(files["trafo"])
-    bank = make_source(config, files["split"]["training"][0], files["fiducial"], files["asd_set"]).bank(
-        files["split"]["training"], limit=svd["num_training_samples"] + svd["num_validation_samples"])
+    bank = make_source(problem, files["split"]["training"][0], files["fiducial"], files["asd_set"]).first_events(
+        files["split"]["training"], svd["num_training_samples"] + svd["num_validation_samples"])
     h_plus, h_cross = bank.data["h_plus"], bank.data["h_cross"]
     vectors = whitened_signal_vectors(simulator, trafo, h_plus, h_cross, seeds.generator(0, "bench-svd"))[:, 0]
     train, held_out = vectors[:svd["num_training_samples"]], vectors[svd["num_training_samples"]:]

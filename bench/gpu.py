@@ -45,7 +45,7 @@ def main():
     started = time.perf_counter()
     config = default_config(device=args.device)
     update_config(config, PRODUCTION)
-    settings.validate(config, Path(__file__).resolve().parent.parent / "workflow/schemas/config.schema.yaml")
+    settings.validate(config)
     with tempfile.TemporaryDirectory() as folder:
         training = Training(config, prepare(Path(folder), config), args.device)
         efficiency, fraction, details = training_figures(training, args.repeats)

@@ -20,7 +20,7 @@ class Chromium:
 
         def wire_fds():  # in the child: our pipe ends become its fds 3 and 4 (via fds >= 10, never clobbered)
             high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_browser_read, from_browser_write)]
-            for target, fd in zip((3, 4), high):
+            for target, fd in zip((3, 4), high, strict=True):
                 os.dup2(fd, target)
 
         self.process = subprocess.Popen(

@@ -15,11 +15,11 @@ import torch
 import yaml
 
 from stagewise import config as settings
-from stagewise.evaluate.run import evaluate
+from stagewise.evaluate.run import EvaluationInputs, evaluate
 from stagewise.simulate.files import simulate
 from stagewise.steps import build_svd_step, count_events_step, fit_trafo_step
 from stagewise.training.runner import StageStopped
-from stagewise.training.stage import train_stage
+from stagewise.training.stage import StageInputs, StageOutputs, train_stage
 
 REPO = Path(__file__).resolve().parent.parent
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -37,7 +37,7 @@ def main(outdir):
     config = merged(yaml.safe_load((REPO / "config/config.yaml").read_text()),
                     yaml.safe_load((REPO / "tests/configs/tiny.yaml").read_text()))
     config = merged(config, {"local": {"device": DEVICE}, "training": {"stage_0": {"epochs": 4}}})
-    settings.validate(config, REPO / "workflow/schemas/config.schema.yaml")  # fills the stages' defaults
+    settings.validate(config)  # fills the stages' defaults
     data = out / "data"
     events = [data / f"{s}_{i:02d}.h5" for s, n in config["simulation"]["num_files"].items() for i in range(n)]
     fiducial, asd_set = data / "fiducial_asd.h5", data / "asd_set.h5"
@@ -48,13 +48,13 @@ def main(outdir):
     svd = {d: out / f"svd_{d}.h5" for d in config["detectors"]}
     build_svd_step(settings.svd_settings(config), split["training"], fiducial, out / "trafo.h5", svd)
     inputs = dict(training_files=split["training"], validation_files=split["validation"], trafo=out / "trafo.h5",
-                  svd=list(svd.values()), fiducial_asd=fiducial, asd_set=asd_set, previous_model=None)
+                  svd=svd, fiducial_asd=fiducial, asd_set=asd_set)
     report = {"device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu"}
 
     def stage(name, folder, limits=None, previous=None):
-        cfg = {**settings.stage_settings(config, name), "local": merged(config["local"], limits or {})}
-        outputs = {"model": out / folder / f"model_{name}.pt", "history": out / folder / "history.csv"}
-        return train_stage(cfg, name, {**inputs, "previous_model": previous}, outputs, out / folder / "checkpoints")
+        outputs = StageOutputs(model=out / folder / f"model_{name}.pt", history=out / folder / "history.csv")
+        return train_stage(settings.stage_settings(config, name), merged(config["local"], limits or {}), name,
+                           StageInputs(**inputs, previous_model=previous), outputs, out / folder / "checkpoints")
 
     start = time.monotonic()
     stage("stage_0", "uninterrupted")
@@ -72,13 +72,11 @@ def main(outdir):
     report["resumed_equals_uninterrupted"] = all(torch.equal(a[k], b[k]) for k in a)
     report["resumed_max_abs_difference"] = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     stage("stage_1", "stage_1", previous=out / "uninterrupted/model_stage_0.pt")
-    eval_config = {**settings.evaluation_settings(config), "local": config["local"]}
-    metrics = evaluate(eval_config, dict(model=out / "stage_1/model_stage_1.pt", trafo=out / "trafo.h5",
-                                         histories={"stage_0": out / "uninterrupted/history.csv",
-                                                    "stage_1": out / "stage_1/history.csv"},
-                                         test_files=split["test"], fiducial_asd=fiducial, asd_set=asd_set,
-                                         svd=svd),
-                       out / "evaluation")
+    inputs = EvaluationInputs(model=out / "stage_1/model_stage_1.pt", trafo=out / "trafo.h5",
+                              histories={"stage_0": out / "uninterrupted/history.csv",
+                                         "stage_1": out / "stage_1/history.csv"},
+                              test_files=split["test"], fiducial_asd=fiducial, asd_set=asd_set, svd=svd, compare={})
+    metrics = evaluate(settings.evaluation_settings(config), config["local"], inputs, out / "evaluation")
     report["metrics"] = metrics
     print(json.dumps(report, indent=2))
 

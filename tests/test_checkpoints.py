@@ -6,10 +6,10 @@ import logging
 import pytest
 import torch
 
+from stagewise.data import EpochBatches
 from stagewise.files import atomic_path
 from stagewise.training import checkpoints
-from stagewise.training.batches import EpochBatches
-from stagewise.training.optim import Recipe
+from stagewise.training.optim import TorchRecipe
 from stagewise.training.runner import StageStopped, run_stage
 from stagewise.training.stage import time_limit
 
@@ -56,7 +56,7 @@ def train(checkpoint_dir, fingerprint="settings-a", epochs=EPOCHS, max_epochs_pe
     Returns (model, history); the stage model's weights and epoch are in `model.stage_model`."""
     torch.manual_seed(0)
     model = TinyModel()
-    recipe = Recipe(model, {**STAGE, "epochs": epochs, **(settings or {})})
+    recipe = TorchRecipe(model, {**STAGE, "epochs": epochs, **(settings or {})})
     history, weights, weights_epoch = run_stage(
         recipe, train_batches, validation_batches, epochs, checkpoint_dir, fingerprint, {"stage": "stage_0"},
         checkpoint_epochs, max_epochs_per_run, stage_model=stage_model, monitor=monitor)
@@ -95,6 +95,26 @@ def test_stage_stopped_every_two_epochs_and_resumed_ends_like_an_uninterrupted_r
     assert_same_weights(model, reference)
     assert without_times(history) == without_times(reference_history)
     assert [entry["epoch"] for entry in history] == list(range(1, EPOCHS + 1))
+
+
+def test_a_checkpoint_that_calls_the_validation_loss_test_loss_resumes_like_any_other(tmp_path, uninterrupted):
+    """Checkpoints written before the rename hold `test_loss` in their history rows and best epoch."""
+    reference, reference_history = uninterrupted
+    with pytest.raises(StageStopped):
+        train(tmp_path / "checkpoints", max_epochs_per_run=3)
+    latest = tmp_path / "checkpoints" / checkpoints.LATEST
+    state = checkpoints.load(latest)
+    rename = {"validation_loss": "test_loss"}
+    state["history"] = [{rename.get(k, k): v for k, v in row.items()} for row in state["history"]]
+    state["best"] = {rename.get(k, k): v for k, v in state["best"].items()}
+    checkpoints.save(latest, state)
+
+    model, history = train(tmp_path / "checkpoints", stage_model="best")
+
+    assert_same_weights(model, reference)
+    assert without_times(history) == without_times(reference_history)
+    losses = [row["validation_loss"] for row in history]
+    assert model.stage_model[1] == losses.index(min(losses)) + 1
 
 
 def test_damaged_latest_checkpoint_resumes_from_the_newest_periodic_one(tmp_path, uninterrupted, caplog):

@@ -3,9 +3,10 @@
 import subprocess
 import sys
 
+import pytest
 import yaml
 
-from conftest import planned_jobs, snakemake
+from helpers import planned_jobs, snakemake
 
 STAGEWISE = [sys.executable, "-m", "stagewise.cli"]
 
@@ -14,6 +15,7 @@ def stagewise(*args):
     return subprocess.run([*STAGEWISE, *map(str, args)], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_ls_describes_every_kind_of_artefact(tiny_run):
     run = tiny_run[0] / "results" / "tiny"
     expected = {
@@ -55,6 +57,7 @@ def write_stage(path, **changes):
     return path
 
 
+@pytest.mark.slow
 def test_append_stage_then_plan_drives_the_workflow_to_train_only_the_new_stage(tiny_run, tmp_path):
     workdir = tiny_run[0]
     checkpoint = workdir / "results/tiny/stage_1/model_stage_1.pt"
@@ -68,6 +71,7 @@ def test_append_stage_then_plan_drives_the_workflow_to_train_only_the_new_stage(
     assert planned_jobs(snakemake(workdir, "-n", overrides=overrides).output) == {"train_stage_2", "evaluate", "all"}
 
 
+@pytest.mark.slow
 def test_append_stage_replaces_a_planned_stage_but_refuses_one_that_has_begun(tiny_run, tmp_path):
     checkpoint = tiny_run[0] / "results/tiny/checkpoints/stage_1/model_latest.pt"
     first = tmp_path / "first.pt"
@@ -85,6 +89,7 @@ def test_append_stage_replaces_a_planned_stage_but_refuses_one_that_has_begun(ti
     assert not (tmp_path / "no.pt").exists()
 
 
+@pytest.mark.slow
 def test_append_stage_rejects_invalid_stage_settings_naming_the_key(tiny_run, tmp_path):
     checkpoint = tiny_run[0] / "results/tiny/stage_1/model_stage_1.pt"
     result = stagewise("append-stage", "--checkpoint", checkpoint, "--out", tmp_path / "x.pt",

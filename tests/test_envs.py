@@ -4,7 +4,7 @@ import tomllib
 
 import yaml
 
-from conftest import REPO
+from helpers import REPO
 
 
 def test_conda_environment_lists_exactly_the_package_dependencies():

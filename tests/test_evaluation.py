@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from browser import Chromium, chromium_binary
-from conftest import snakemake, system_up, tiny_config
+from helpers import snakemake, system_up, tiny_config
+from stagewise.config import Problem
 from stagewise.evaluate.importance import ImportanceSampler, likelihood_plan, normalised_weights, summary
-from stagewise.evaluate.run import evaluate
+from stagewise.evaluate.run import EvaluationInputs, evaluate
 from stagewise.simulate.likelihood import log_likelihood, phase_marginalised_log_likelihood
 from stagewise.simulate.ringdown import ringdown_polarisations
 from test_physics import EXTRINSIC_PRIOR, generator, small_simulator, truth, whitened_data
@@ -80,10 +81,11 @@ def ringdown_config(inference_parameters, **extrinsic):
      "'time' is neither inferred nor fixed"),
     (ringdown_config(["f0", "tau", "snr"], phase={"distribution": "uniform", "low": 0.0, "high": 1.0}),
      "'phase' is neither inferred nor fixed"),
-    (ringdown_config(["f0", "tau", "snr"]) | {"data": {"kind": "signals", "simulate": False}}, "the event files are the user's own"),
+    (ringdown_config(["f0", "tau", "snr"]) | {"data": {"kind": "signals", "simulate": False}},
+     "the event files are the user's own"),
 ], ids=["default", "phase inferred", "snr free", "time free", "partial phase", "user data"])
 def test_likelihood_plan_marginalises_only_a_full_period_phase(config, expected):
-    plan, reason = likelihood_plan(config)
+    plan, reason = likelihood_plan(Problem.from_settings(config))
     if isinstance(expected, str):
         assert plan is None and expected in reason
     else:
@@ -103,8 +105,8 @@ def test_importance_sampling_from_two_proposals_gives_the_same_evidence_and_post
     reweighted mean must agree within their errors, which needs the prior, the proposal density in
     physical units and the likelihood all right."""
     simulator = small_simulator()
-    config = ringdown_config(["f0", "tau", "snr"])
-    sampler = ImportanceSampler(config, likelihood_plan(config)[0], simulator)
+    problem = Problem.from_settings(ringdown_config(["f0", "tau", "snr"]))
+    sampler = ImportanceSampler(problem, likelihood_plan(problem)[0], simulator)
     parameters = truth() | {"snr": torch.tensor([10.0], dtype=torch.float64)}
     data = whitened_data(simulator, parameters, generator(8))
     draws = torch.Generator().manual_seed(9)
@@ -136,20 +138,21 @@ def test_sample_efficiency_is_one_for_equal_weights_and_one_over_n_for_a_single_
 
 def tiny_inputs(workdir):
     run = workdir / "results" / "tiny"
-    return dict(
+    return EvaluationInputs(
         model=run / "stage_1" / "model_stage_1.pt",
         histories={stage: run / stage / "history.csv" for stage in ("stage_0", "stage_1")},
         trafo=run / "trafo.h5", test_files=[run / "data" / "test_00.h5"], fiducial_asd=run / "data" / "fiducial_asd.h5",
-        asd_set=run / "data" / "asd_set.h5", svd={d: run / f"svd_{d}.h5" for d in ("H1", "L1")},
+        asd_set=run / "data" / "asd_set.h5", svd={d: run / f"svd_{d}.h5" for d in ("H1", "L1")}, compare={},
     )
 
 
+@pytest.mark.slow
 def test_evaluation_without_a_likelihood_says_why_importance_sampling_was_skipped(tiny_run, tmp_path):
     workdir = tiny_run[0]
     config = tiny_config()
     config["data"]["simulate"] = False
 
-    metrics = evaluate(config, tiny_inputs(workdir), tmp_path)
+    metrics = evaluate(config, config["local"], tiny_inputs(workdir), tmp_path)
 
     assert "stagewise knows no likelihood" in metrics["importance_sampling"]["skipped"]
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
@@ -180,6 +183,7 @@ IMAGE_SIZES = """(async () => {
 })()"""
 
 
+@pytest.mark.slow
 def test_report_opens_in_headless_chromium_with_every_figure_and_the_metrics(tiny_run, chromium, tmp_path):
     workdir = tiny_run[0]
     snakemake(workdir, "--report", "results/tiny/report.html")

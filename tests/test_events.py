@@ -43,7 +43,7 @@ def test_write_event_file_stores_labels_data_frequencies_and_attrs(tmp_path):
     labels = {"f0": np.array([50.0, 60.0, 70.0])}
     h_plus = np.array([[1 + 2j, 3 - 1j]] * 3, dtype=np.complex64)
     write_event_file(path, labels, {"h_plus": h_plus, "h_cross": 2 * h_plus}, "signals", [20.0, 21.0],
-                     attrs={"settings": "{}"})
+                     settings={})
 
     with h5py.File(path, "r") as f:
         assert f.attrs["stagewise_layout"] == "events/1"

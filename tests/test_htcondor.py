@@ -16,10 +16,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
-from conftest import REPO, cluster_overrides, copy_workflow
+from helpers import REPO, cluster_overrides, copy_workflow
+
+pytestmark = pytest.mark.slow  # the HTCondor profile and real Snakemake runs end to end
 
 HOLD_AFTER = 15
 # Twice the hold time of training: stage 0 is held once on any machine.

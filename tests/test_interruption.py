@@ -18,7 +18,9 @@ import pytest
 import torch
 import yaml
 
-from conftest import copy_workflow, snakemake
+from helpers import copy_workflow, snakemake, training_process, wait_for
+
+pytestmark = pytest.mark.slow  # real Snakemake trainings, killed and rerun
 
 # Blocks of 25 events shuffled in buffers of about 50 (0.1 MB): the order of a split larger than memory.
 LONG_STAGE = {"training": {"stage_0": {"epochs": 8, "batch_size": 10}},
@@ -66,30 +68,6 @@ def training_started(workdir):
     return log.exists() and "epoch " in log.read_text()
 
 
-def wait_for(condition, process, timeout=60.0, interval=0.01):
-    """Poll `condition()` until true; False if the process ended first or on timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        if process.poll() is not None:
-            return False
-        time.sleep(interval)
-    return False
-
-
-def training_process(workdir):
-    """The pid of the python process running this workdir's train_stage script."""
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if proc.name.isdigit() and str(workdir) in cmdline and "train_stage.py" in cmdline and "set -euo" not in cmdline:
-            return int(proc.name)
-    return None
-
-
 def finish(workdir):
     """Unlock after a hard kill and run the stage to its end."""
     snakemake(workdir, "--unlock", overrides=LONG_STAGE)
@@ -104,8 +82,8 @@ def assert_same_model(workdir, reference):
     assert [row["epoch"] for row in resumed["history"]] == list(range(1, 9))
     history_csv = (workdir / "results/tiny/stage_0/history.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in history_csv[1:]] == [str(e) for e in range(1, 9)]
-    for ours, theirs in zip(resumed["history"], reference["history"]):
-        assert ours["train_loss"] == theirs["train_loss"] and ours["test_loss"] == theirs["test_loss"]
+    for ours, theirs in zip(resumed["history"], reference["history"], strict=True):
+        assert ours["train_loss"] == theirs["train_loss"] and ours["validation_loss"] == theirs["validation_loss"]
 
 
 def test_sigkill_at_random_moments_and_during_a_checkpoint_write_changes_nothing(prepared, reference):
@@ -114,7 +92,8 @@ def test_sigkill_at_random_moments_and_during_a_checkpoint_write_changes_nothing
     workdir = prepared
     rng = random.Random(7)
     kills, kills_during_write = 0, 0
-    for attempt in range(12):
+    checkpoint_dir = workdir / CHECKPOINTS
+    for _ in range(12):
         if kills >= 6 and kills_during_write >= 1:
             break
         process = start_training(workdir)
@@ -122,7 +101,6 @@ def test_sigkill_at_random_moments_and_during_a_checkpoint_write_changes_nothing
             process.communicate()
             continue
         if kills_during_write == 0:
-            checkpoint_dir = workdir / CHECKPOINTS
             hit = wait_for(lambda: any(checkpoint_dir.glob(".model_latest.pt.*.tmp")), process, interval=0.0002)
         else:
             time.sleep(rng.uniform(0.0, 1.5))
@@ -186,7 +164,7 @@ def test_early_stopping_state_survives_a_sigkill(prepared):
     snakemake(workdir, "train_stage_0", "--rerun-incomplete", overrides=stopping)
     log = (workdir / LOG).read_text()
     assert "at epoch 2" in log.split("resuming from")[1].splitlines()[0]
-    assert "early stopping after epoch 3: test_loss did not improve for 2 epochs" in log
+    assert "early stopping after epoch 3: validation_loss did not improve for 2 epochs" in log
     model = torch.load(workdir / MODEL, weights_only=False)
     assert [row["epoch"] for row in model["history"]] == [1, 2, 3]
 

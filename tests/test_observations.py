@@ -10,11 +10,11 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, copy_workflow, planned_jobs, snakemake
+from helpers import REPO, copy_workflow, planned_jobs, snakemake
 from stagewise.config import count_settings
 from stagewise.events import EventFileError
+from stagewise.models.posterior import load_flow_model
 from stagewise.steps import count_events_step
-from stagewise.training.stage import load_model
 from stagewise.trafo import Trafo, fit_trafo, observation_batches
 
 sys.path.insert(0, str(REPO / "examples"))
@@ -42,6 +42,7 @@ def example(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_the_example_script_writes_files_that_count_events_accepts(example, tmp_path):
     config = yaml.safe_load((example / "config/config.yaml").read_text())
     config |= yaml.safe_load((example / "config/observations_example.yaml").read_text())
@@ -52,6 +53,7 @@ def test_the_example_script_writes_files_that_count_events_accepts(example, tmp_
     assert yaml.safe_load((tmp_path / "counts.yaml").read_text())["all"]["total"] == 24000
 
 
+@pytest.mark.slow
 def test_pipeline_on_observations_recovers_the_closed_form_posterior(example):
     run_snakemake(example, overrides=FAST)
 
@@ -62,7 +64,7 @@ def test_pipeline_on_observations_recovers_the_closed_form_posterior(example):
         inputs, a, b = f["data/inputs"][:400], f["labels/a"][:400], f["labels/b"][:400]
     inputs = inputs[(np.abs(a) < 2.5) & (np.abs(b) < 2.5)][:50]  # posteriors the prior bounds do not cut
     means, covariance = posterior(inputs.astype(np.float64))
-    model, _ = load_model(run / "stage_1/model_stage_1.pt")
+    model, _ = load_flow_model(run / "stage_1/model_stage_1.pt")
     trafo = Trafo.load(run / "trafo.h5")
     torch.manual_seed(0)
     z, _ = model.sample(trafo.inputs_to_network(torch.as_tensor(inputs)[:, None, :]), torch.zeros(len(inputs), 0),
@@ -77,6 +79,7 @@ def test_pipeline_on_observations_recovers_the_closed_form_posterior(example):
     assert ((0.8 < std_ratio) & (std_ratio < 1.25)).all()
 
 
+@pytest.mark.slow
 def test_svd_null_plans_no_svd_step_and_trains_an_ordinary_first_layer(example):
     overrides = {**FAST, "svd": None, "run": "no_svd",
                  "training": {"stage_0": {"epochs": 1, "batch_size": 256, "freeze_svd": False}}}
@@ -84,10 +87,11 @@ def test_svd_null_plans_no_svd_step_and_trains_an_ordinary_first_layer(example):
     run_snakemake(example, "train_stage_0", overrides=overrides)
 
     assert planned == {"count_events", "fit_trafo", "train_stage_0"}
-    model, _ = load_model(example / "results/no_svd/stage_0/model_stage_0.pt")
+    model, _ = load_flow_model(example / "results/no_svd/stage_0/model_stage_0.pt")
     assert model.embedding.svd_weight.shape == (1, 128, 9)  # as wide as the first hidden layer
 
 
+@pytest.mark.slow
 def test_freeze_svd_without_svd_is_a_config_error(example):
     result = run_snakemake(example, "-n", overrides={"svd": None}, check=False)
 
@@ -196,6 +200,7 @@ def test_a_non_positive_log_input_stops_fit_trafo_naming_the_feature(tmp_path):
         fit_trafo(observation_batches([str(path)], ["a", "b"], 1, 50), ["a", "b"], [], log_inputs=[8])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pattern, message", [
     ("examples/data/missing.h5", "data.training_data_file: file not found: examples/data/missing.h5"),
     ("examples/data/nothing_*.h5", "data.training_data_file: the pattern 'examples/data/nothing_*.h5' matches no"),
@@ -207,6 +212,7 @@ def test_a_missing_file_or_an_empty_glob_stops_the_run_naming_the_key(example, p
     assert result.returncode != 0 and message in result.output
 
 
+@pytest.mark.slow
 def test_bad_values_stop_a_real_run_at_count_events_and_leave_no_counts(example):
     bad = example / "examples/data/bad_00.h5"
     write_good(bad, seed=3)

@@ -11,14 +11,13 @@ import pytest
 import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_checkpoints import EPOCHS, STAGE, assert_same_weights, train, validation_batches, without_times
 
+from stagewise.config import check_stage, stage_from_file
 from stagewise.training import checkpoints
 from stagewise.training.monitor import TAGS, Monitor
-from stagewise.config import check_stage
-from stagewise.training.optim import LearningRate, clip_gradients, make_optimizer
-from stagewise.training.optim import Recipe
+from stagewise.training.optim import LearningRate, TorchRecipe, clip_gradients, torch_optimizer
 from stagewise.training.runner import StageStopped
+from test_checkpoints import EPOCHS, STAGE, assert_same_weights, train, validation_batches, without_times
 
 
 def optimizer_for(lr=1.0):
@@ -76,7 +75,7 @@ def test_a_linear_warm_up_precedes_the_schedule_which_then_counts_from_its_end()
 ])
 def test_each_optimizer_gets_its_arguments(kind, options, expected):
     model = torch.nn.Linear(2, 1)
-    optimizer = make_optimizer(model, {"optimizer": {"type": kind, "learning_rate": 0.01, **options}})
+    optimizer = torch_optimizer(model, {"optimizer": {"type": kind, "learning_rate": 0.01, **options}})
     assert type(optimizer) is expected
     group = optimizer.param_groups[0]
     assert group["lr"] == 0.01
@@ -96,6 +95,17 @@ def test_an_argument_of_another_optimizer_or_a_long_warm_up_is_a_config_error():
     stage["scheduler"] = {"type": "cosine", "warmup_epochs": 5}
     with pytest.raises(ValueError, match=r"training.stage_1.scheduler.warmup_epochs: 5 must be below epochs \(5\)"):
         check_stage("stage_1", stage)
+
+
+def test_a_stage_file_for_append_stage_gets_the_same_checks_and_the_schema_defaults(tmp_path):
+    stage = {"epochs": 5, "batch_size": 10, "asd": "set", "freeze_svd": False,
+             "optimizer": {"type": "sgd", "learning_rate": 0.1}, "scheduler": {"type": "cosine"}}
+    (tmp_path / "good.yaml").write_text(yaml.safe_dump(stage))
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(stage | {"optimizer": {"type": "sgd", "learning_rate": 0.1,
+                                                                              "betas": [0.9, 0.99]}}))
+    assert stage_from_file(tmp_path / "good.yaml")["stage_model"] == "last"
+    with pytest.raises(ValueError, match=r"bad.yaml: stage setting optimizer.betas: not an argument of optimizer"):
+        stage_from_file(tmp_path / "bad.yaml")
 
 
 def test_gradient_clipping_by_norm_and_by_value():
@@ -125,8 +135,8 @@ def test_ema_weights_are_validated_become_the_stage_model_and_resume_bit_for_bit
     assert torch.equal(state["recipe"]["ema"]["module.weight"], ema_weights["weight"])
     ema_model = type(reference)()
     ema_model.load_state_dict(ema_weights)
-    plain = Recipe(ema_model, {**STAGE, "ema_decay": None})
-    assert plain.validation_loss(validation_batches()) == reference_history[-1]["test_loss"]
+    plain = TorchRecipe(ema_model, {**STAGE, "ema_decay": None})
+    assert plain.validation_loss(validation_batches()) == reference_history[-1]["validation_loss"]
 
     for _ in range(EPOCHS):
         try:
@@ -140,7 +150,7 @@ def test_ema_weights_are_validated_become_the_stage_model_and_resume_bit_for_bit
 
 
 def test_early_stopping_ends_the_stage_and_its_state_survives_each_resume(tmp_path):
-    stop = {"early_stopping": {"metric": "test_loss", "patience": 2, "min_delta": 1e6, "mode": "min"}}
+    stop = {"early_stopping": {"metric": "validation_loss", "patience": 2, "min_delta": 1e6, "mode": "min"}}
     _, history = train(tmp_path / "once", settings=stop, epochs=8)
     assert [row["epoch"] for row in history] == [1, 2, 3]  # epoch 1 is the best; 2 and 3 do not improve by 1e6
     runs = 0
@@ -159,11 +169,11 @@ def test_the_stage_model_is_the_best_or_the_last_epoch_as_configured(tmp_path):
     noisy = {"optimizer": {"type": "sgd", "learning_rate": 0.3}, "scheduler": {"type": "constant"}}
     last, history = train(tmp_path / "last", settings=noisy, epochs=8)
     best, _ = train(tmp_path / "best", settings=noisy, epochs=8, stage_model="best")
-    losses = [row["test_loss"] for row in history]
+    losses = [row["validation_loss"] for row in history]
     best_epoch = losses.index(min(losses)) + 1
     assert best_epoch < 8, "this setting was chosen so that the last epoch is not the best"
     saved = checkpoints.load(tmp_path / "best" / checkpoints.BEST)
-    assert saved["epoch"] == best_epoch and saved["test_loss"] == min(losses)
+    assert saved["epoch"] == best_epoch and saved["validation_loss"] == min(losses)
     assert best.stage_model[1] == best_epoch
     assert all(torch.equal(best.stage_model[0][k], v) for k, v in saved["model"].items())
     assert last.stage_model[1] == 8 and torch.equal(last.stage_model[0]["weight"], last.weight)

@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, planned_jobs, snakemake
-from test_interruption import training_process, wait_for
+from helpers import REPO, planned_jobs, snakemake, training_process, wait_for
 
 REGRESSION = {"run": "tiny_regression", "model": {"type": "gaussian_regression", "label_weight_dict": {"snr": 0.5}},
               "evaluation": {"compare_runs": ["tiny"]},
@@ -63,6 +62,7 @@ def regression_run(tiny_run, tmp_path_factory):
     return workdir, before_training, jobs
 
 
+@pytest.mark.slow
 def test_regression_runs_through_the_same_stages_and_writes_keras_models(regression_run):
     workdir, _, jobs = regression_run
     assert jobs == {"train_stage_0", "train_stage_1", "evaluate", "all"}
@@ -70,7 +70,7 @@ def test_regression_runs_through_the_same_stages_and_writes_keras_models(regress
     for stage in ("stage_0", "stage_1"):
         assert (run / stage / f"model_{stage}.keras").exists()
         history = (run / stage / "history.csv").read_text().splitlines()
-        assert history[0] == "epoch,train_loss,test_loss,learning_rate,grad_norm,time_data,time_compute,time_test"
+        assert history[0] == "epoch,train_loss,validation_loss,learning_rate,grad_norm,time_data,time_compute,time_test"
     assert len((run / "stage_0" / "history.csv").read_text().splitlines()) == 5
     svd = np.concatenate([h5py.File(run / f"svd_{d}.h5")["basis"][()].T[None] for d in ("H1", "L1")])
     stage_0, stage_1 = (keras_weights(run / s / f"model_{s}.keras") for s in ("stage_0", "stage_1"))
@@ -80,6 +80,7 @@ def test_regression_runs_through_the_same_stages_and_writes_keras_models(regress
     assert not (workdir / "results/tiny/stage_0/model_stage_0.keras").exists()
 
 
+@pytest.mark.slow
 def test_regression_evaluation_reports_pulls_coverage_and_the_flow_beside_it(regression_run):
     workdir, _, _ = regression_run
     evaluation = workdir / RUN / "evaluation"
@@ -98,6 +99,7 @@ def test_regression_evaluation_reports_pulls_coverage_and_the_flow_beside_it(reg
     assert not (evaluation / "pp_plot.png").exists()
 
 
+@pytest.mark.slow
 def test_a_sigterm_mid_epoch_and_a_resume_give_the_uninterrupted_keras_model(regression_run):
     workdir, before_training, _ = regression_run
     (before_training / "overrides.yaml").write_text(yaml.safe_dump(REGRESSION))

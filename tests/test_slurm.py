@@ -20,7 +20,9 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, cluster_overrides, copy_workflow, snakemake, system_up
+from helpers import REPO, cluster_overrides, copy_workflow, snakemake, system_up
+
+pytestmark = pytest.mark.slow  # a real SLURM and real Snakemake runs end to end
 
 # slurmctld checks time limits every 30 s, so a 1-minute job is stopped 60 to 90 s after it
 # starts, about 10 s of it start-up. 95 s of training outlasts the first job, and what is left

@@ -36,7 +36,7 @@ def take(bank):
 
 
 def assert_same_batch(ours, theirs):
-    for part, other in zip(ours, theirs):
+    for part, other in zip(ours, theirs, strict=True):
         assert part.keys() == other.keys()
         for key in part:
             assert torch.equal(part[key], other[key]), key

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, copy_workflow, planned_jobs, snakemake
+from helpers import REPO, copy_workflow, planned_jobs, snakemake
 
 ALL_RULES = {"simulate", "count_events", "fit_trafo", "build_svd", "train_stage_0", "train_stage_1", "evaluate", "all"}
 PLOTS = ("loss_curves", "pp_plot", "corner", "svd_mismatch", "label_distributions")
@@ -32,6 +32,7 @@ def test_dag_renders_as_svg(tmp_path):
         assert rule in svg
 
 
+@pytest.mark.slow
 def test_partial_target_builds_only_what_stage_1_needs(tiny_run):
     _, first, second, evaluation_after_first = tiny_run
     assert first == ALL_RULES - {"evaluate", "all"}
@@ -39,6 +40,7 @@ def test_partial_target_builds_only_what_stage_1_needs(tiny_run):
     assert second == {"evaluate", "all"}
 
 
+@pytest.mark.slow
 def test_full_run_writes_every_documented_output(tiny_run):
     workdir = tiny_run[0]
     run = workdir / "results" / "tiny"
@@ -64,10 +66,12 @@ def test_full_run_writes_every_documented_output(tiny_run):
         assert (run / "logs" / f"{rule}.log").stat().st_size > 0, rule
 
 
+@pytest.mark.slow
 def test_nothing_is_planned_after_a_full_run(tiny_run):
     assert planned_jobs(snakemake(tiny_run[0], "-n").output) == set()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides, expected",
     [
@@ -112,10 +116,17 @@ def test_a_config_change_plans_exactly_the_steps_it_touches(tiny_run, overrides,
          "training.stage_1.ema_decay: not available for model.type gaussian_regression"),
         ({"evaluation": {"compare_runs": ["tiny"]}}, "evaluation.compare_runs: 'tiny' is this run"),
         ({"training": {"stage_1": {"warm_start": "x.pt"}}}, "training.stage_1.warm_start: only stage_0"),
+        ({"trafo": {"log_labels": ["tau", "phase"]}}, "trafo.log_labels: 'phase' is not an inference parameter"),
+        ({"model": {"type": "gaussian_regression"},
+          "training": {"stage_1": {"optimizer": {"type": "sgd", "dampening": 0.1}}}},
+         "training.stage_1.optimizer.dampening: Keras' SGD has no dampening"),
+        ({"training": {"stage_0": {"scheduler": {"type": "cosine", "gamma": 0.5}}}},
+         "training.stage_0.scheduler.gamma: not an argument of scheduler type 'cosine'"),
     ],
     ids=["unknown key", "unknown nested key", "wrong type", "unknown distribution", "unknown parameter", "empty glob",
          "missing asd file", "levels per detector", "prior bounds", "shuffle buffer", "label weight name",
-         "ema with regression", "compare with itself", "warm start later stage"],
+         "ema with regression", "compare with itself", "warm start later stage", "log label not inferred",
+         "dampening with regression", "scheduler argument"],
 )
 def test_an_invalid_config_stops_the_run_naming_the_key(tmp_path, overrides, message):
     result = snakemake(copy_workflow(tmp_path), "-n", overrides=overrides, check=False)
@@ -123,6 +134,7 @@ def test_an_invalid_config_stops_the_run_naming_the_key(tmp_path, overrides, mes
     assert message in result.output
 
 
+@pytest.mark.slow
 def test_a_second_run_with_the_same_seed_stopped_after_every_epoch_gives_the_same_model(tiny_run, tmp_path):
     """A second run from scratch (simulation, trafo, SVD, weights, noise: all drawn from `seed`) whose
     jobs each stop after one epoch (exit 75, a failed attempt) and resume from model_latest.pt."""
@@ -152,6 +164,7 @@ PROVENANCE = ["version_stagewise", "version_torch", "version_nflows", "version_n
               "version_snakemake", "git_revision", "git_dirty", "host", "created"]
 
 
+@pytest.mark.slow
 def test_every_artefact_carries_its_settings_and_provenance(tiny_run):
     run = tiny_run[0] / "results" / "tiny"
     h5_files = sorted(run.rglob("*.h5"))
@@ -170,6 +183,7 @@ def test_every_artefact_carries_its_settings_and_provenance(tiny_run):
         assert state["fingerprint"] and state["architecture"], path
 
 
+@pytest.mark.slow
 def test_local_settings_are_saved_beside_the_results(tiny_run):
     saved = yaml.safe_load((tiny_run[0] / "results" / "tiny" / "local_settings.yaml").read_text())
     assert saved == {"device": "cpu", "threads": 2, "checkpoint_epochs": 1, "memory_limit_mb": 8192, "wandb": None,
@@ -178,6 +192,7 @@ def test_local_settings_are_saved_beside_the_results(tiny_run):
                      "training_job": {"gpus": 1, "mem_mb": 16000, "runtime": 1440, "stop_margin": 300}}
 
 
+@pytest.mark.slow
 def test_stage_0_warm_starts_from_another_runs_model_and_refuses_one_of_another_shape(tiny_run, tmp_path):
     workdir = Path(shutil.copytree(tiny_run[0], tmp_path / "workdir", symlinks=True))
     other = tiny_run[0] / "results/tiny/stage_1/model_stage_1.pt"

@@ -1,11 +1,14 @@
 """Describe any artefact of a run as text: what `stagewise ls` prints."""
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import h5py
 import yaml
 
+from . import layouts
 from .training import checkpoints
 
 
@@ -13,24 +16,24 @@ class UnknownArtefact(ValueError):
     """A file that is not an artefact stagewise knows."""
 
 
-def _yaml(data):
+def _yaml(data: Any) -> str:
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100).rstrip()
 
 
-def _section(title, body):
+def _section(title: str, body: object) -> str:
     return f"{title}:\n" + "\n".join("  " + line for line in str(body).splitlines())
 
 
-def _provenance(attrs):
+def _provenance(attrs: Mapping[str, Any]) -> dict[str, str]:
     return {k: str(v) for k, v in attrs.items() if k.startswith(("version_", "git_")) or k in ("host", "created")}
 
 
-def describe_model(path):
+def describe_model(path: str | Path) -> str:
     """A checkpoint or stage model (.pt), or a Keras stage model (.keras, which imports TensorFlow)."""
     if Path(path).suffix == ".keras":
-        from .models.regression import load_model
+        from .models.regression import load_regression_model
 
-        state = load_model(path).info
+        state = load_regression_model(path).info
     else:
         state = checkpoints.load(path)
     partial = state.get("partial_epoch")
@@ -55,12 +58,12 @@ def describe_model(path):
     return "\n".join(parts)
 
 
-def _describe_h5(path, f):
-    layout = f.attrs.get("stagewise_layout")
+def _describe_h5(path: str | Path, f: h5py.File) -> str:
+    layout = f.attrs.get(layouts.ATTRIBUTE)
     parts = []
-    if layout == "events/1":
+    if layout == layouts.EVENTS:
         n = next(iter(f["data"].values())).shape[0]
-        labels = {k: f"min {d[()].min():.6g}, max {d[()].max():.6g}" for k, d in f["labels"].items()}
+        labels: dict[str, Any] = {k: f"min {d[()].min():.6g}, max {d[()].max():.6g}" for k, d in f["labels"].items()}
         data = {k: f"{d.dtype} {d.shape}" for k, d in f["data"].items()}
         parts.append(_section("event file", _yaml({"kind": str(f.attrs.get("kind")), "events": n})))
         parts.append(_section("labels", _yaml(labels)))
@@ -68,44 +71,47 @@ def _describe_h5(path, f):
         if "frequencies" in f:
             freqs = f["frequencies"][()]
             parts.append(_section("frequencies", f"{len(freqs)} bins, {freqs[0]:g} to {freqs[-1]:g} Hz"))
-    elif layout == "asd/1":
+    elif layout == layouts.ASD:
         freqs = f["frequencies"][()]
         asds = {k: f"{d.shape[0]} ASD(s)" for k, d in f["asds"].items()}
         parts.append(_section("ASD file", _yaml(asds)))
         parts.append(_section("frequencies", f"{len(freqs)} bins, {freqs[0]:g} to {freqs[-1]:g} Hz"))
-    elif layout == "trafo/1":
+    elif layout == layouts.TRAFO:
         names = [n.decode() if isinstance(n, bytes) else n for n in f["labels/names"][()]]
         labels = {n: {"mean": float(m), "std": float(s), "log": bool(g)}
-                  for n, m, s, g in zip(names, f["labels/mean"][()], f["labels/std"][()], f["labels/log"][()])}
+                  for n, m, s, g in zip(names, f["labels/mean"][()], f["labels/std"][()], f["labels/log"][()],
+                                        strict=True)}
         std = f["inputs/std"][()]
         parts.append(_section("trafo: labels", _yaml(labels)))
         parts.append(_section("trafo: inputs", f"shape {std.shape}, std from {std.min():.4g} to {std.max():.4g}"))
-    elif layout == "svd/1":
+    elif layout == layouts.SVD:
         basis = f["basis"]
         table = {k: f["mismatch"][k][()] for k in f["mismatch"]}
         header = ["size", "mean", "max"] + sorted(k for k in table if k.startswith("p"))
         rows = ["  ".join(f"{h:>10}" for h in header)]
         for i in range(len(table["size"])):
             rows.append("  ".join(f"{table[h][i]:>10.3g}" for h in header))
-        parts.append(_section("SVD basis", _yaml({"detector": str(f.attrs.get("detector")), "basis": list(basis.shape)})))
+        svd = {"detector": str(f.attrs.get("detector")), "basis": list(basis.shape)}
+        parts.append(_section("SVD basis", _yaml(svd)))
         parts.append(_section("mismatch by basis size", "\n".join(rows)))
     else:
-        raise UnknownArtefact(f"{path}: an HDF5 file without a known 'stagewise_layout' attribute "
-                              f"(found {layout!r}; expected events/1, asd/1, trafo/1 or svd/1)")
+        known = ", ".join((layouts.EVENTS, layouts.ASD, layouts.TRAFO, layouts.SVD))
+        raise UnknownArtefact(f"{path}: an HDF5 file without a known '{layouts.ATTRIBUTE}' attribute (found "
+                              f"{layout!r}; expected one of {known})")
     if "settings" in f.attrs:
         parts.append(_section("settings", _yaml(json.loads(f.attrs["settings"]))))
     parts.append(_section("provenance", _yaml(_provenance(f.attrs))))
     return "\n".join(parts)
 
 
-def describe_counts(path):
+def describe_counts(path: str | Path) -> str:
     counts = yaml.safe_load(Path(path).read_text())
     if not isinstance(counts, dict) or not all(isinstance(v, dict) and "total" in v for v in counts.values()):
         raise UnknownArtefact(f"{path}: not a counts.yaml (expected a total per split)")
     return _yaml(counts)
 
 
-def describe(path):
+def describe(path: str | Path) -> str:
     """Text describing `path`; UnknownArtefact for files stagewise does not know."""
     path = Path(path)
     if not path.is_file():

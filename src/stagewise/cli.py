@@ -3,46 +3,30 @@
 import argparse
 import logging
 import sys
-from pathlib import Path
+from collections.abc import Sequence
 
 import yaml
 
 from .artefacts import UnknownArtefact, describe
-from .config import fill_stage_defaults, schema_error
+from .config import stage_from_file
 from .training.checkpoints import append_stage, load
 
-SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
-
-def _ls(args):
+def _ls(args: argparse.Namespace) -> None:
     print(describe(args.path))
 
 
-def _stage_settings(path):
-    """The stage settings in YAML file `path`, checked against the config schema's stage."""
-    try:
-        settings = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise ValueError(f"{path}: cannot read stage settings ({err})") from None
-    schema = yaml.safe_load(SCHEMA.read_text())
-    error = schema_error(settings, {**schema["$defs"]["stage"], "$defs": schema["$defs"]})
-    if error is not None:
-        raise ValueError(f"{path}: stage setting {error}")
-    fill_stage_defaults(settings, schema)
-    return settings
-
-
-def _append_stage(args):
-    name = append_stage(args.checkpoint, _stage_settings(args.stage_settings), args.out, args.replace)
+def _append_stage(args: argparse.Namespace) -> None:
+    name = append_stage(args.checkpoint, stage_from_file(args.stage_settings), args.out, args.replace)
     print(f"{args.out}: {name} planned; `stagewise plan {args.out}` prints the stages as a config override")
 
 
-def _plan(args):
+def _plan(args: argparse.Namespace) -> None:
     state = load(args.checkpoint)
     print(yaml.safe_dump({"training": state["planned_stages"]}, sort_keys=False).rstrip())
 
 
-def parser():
+def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(prog="stagewise", description=__doc__)
     commands = main.add_subparsers(dest="command", required=True)
     ls = commands.add_parser("ls", help="print an artefact's settings, progress, provenance and diagnostics")
@@ -61,7 +45,7 @@ def parser():
     return main
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parser().parse_args(argv)
     try:

@@ -14,16 +14,21 @@ are checked in contiguous chunks, the way all data is read.
 """
 
 import logging
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 from tqdm import tqdm
 
+from . import layouts
+from .config import Settings
 from .files import atomic_path
+from .priors import Prior
 
 log = logging.getLogger(__name__)
 
-LAYOUT = "events/1"
 KINDS = ("signals", "observations")
 SIGNAL_DATASETS = ("h_plus", "h_cross")
 OBSERVATION_DATASET = "inputs"
@@ -34,13 +39,12 @@ class EventFileError(ValueError):
     """An event file that does not follow the layout; the message names file and dataset."""
 
 
-def write_event_file(path, labels, data, kind, frequencies=None, attrs=None):
-    """Write one event file atomically from dicts of numpy arrays."""
+def write_event_file(path: str | Path, labels: Mapping[str, np.ndarray], data: Mapping[str, np.ndarray], kind: str,
+                     frequencies: np.ndarray | None = None, settings: Settings | None = None) -> None:
+    """Write one event file atomically from dicts of numpy arrays, with the settings that made it."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.attrs["stagewise_layout"] = LAYOUT
+        layouts.write_header(f, layouts.EVENTS, settings)
         f.attrs["kind"] = kind
-        for key, value in (attrs or {}).items():
-            f.attrs[key] = value
         for name, values in labels.items():
             f.create_dataset(f"labels/{name}", data=np.asarray(values, dtype=np.float64))
         for name, values in data.items():
@@ -49,7 +53,7 @@ def write_event_file(path, labels, data, kind, frequencies=None, attrs=None):
             f.create_dataset("frequencies", data=np.asarray(frequencies, dtype=np.float64))
 
 
-def open_event_file(path):
+def open_event_file(path: str | Path) -> h5py.File:
     try:
         return h5py.File(path, "r")
     except FileNotFoundError:
@@ -58,15 +62,16 @@ def open_event_file(path):
         raise EventFileError(f"{path}: not a readable HDF5 file ({err})") from None
 
 
-def _check_layout(f, path, kind):
+def _check_layout(f: h5py.File, path: str | Path,
+                  kind: str) -> tuple[int, tuple[int, ...], dict[str, h5py.Dataset]]:
     """(number of events, shape of one event's data, {"labels/<name>" or "data/<name>": dataset}) of
     an open file; EventFileError if it does not fit. Each h5py object is looked up once."""
     attrs = f.attrs
-    if attrs.get("stagewise_layout") != LAYOUT:
-        raise EventFileError(f"{path}: root attribute 'stagewise_layout' must be '{LAYOUT}'")
+    if attrs.get(layouts.ATTRIBUTE) != layouts.EVENTS:
+        raise EventFileError(f"{path}: root attribute '{layouts.ATTRIBUTE}' must be '{layouts.EVENTS}'")
     if attrs.get("kind") != kind:
         raise EventFileError(f"{path}: root attribute 'kind' is {attrs.get('kind')!r}, expected {kind!r}")
-    datasets = {}
+    datasets: dict[str, h5py.Dataset] = {}
     for group in ("labels", "data"):
         members = f.get(group)
         if members is None or not len(members):
@@ -76,6 +81,7 @@ def _check_layout(f, path, kind):
     if len(set(n.values())) != 1 or None in n.values():
         raise EventFileError(f"{path}: datasets disagree on the number of events: {n}")
     events = next(iter(n.values()))
+    assert events is not None  # checked just above
     if kind == "observations":
         inputs = datasets.get(f"data/{OBSERVATION_DATASET}")
         if inputs is None:
@@ -98,17 +104,21 @@ def _check_layout(f, path, kind):
     return events, (width,), datasets
 
 
-def count_splits(splits, kind="signals", priors=None):
+def count_splits(splits: Mapping[str, Sequence[str | Path]], kind: str = "signals",
+                 priors: Mapping[str, Prior] | None = None) -> dict[str, dict[str, Any]]:
     """Events per file and total per split; `splits` maps split name to a list of paths.
 
     Every file is opened once, however many splits list it: its layout is checked, and with
     `priors` ({name: priors.Prior}) its values too (see check_file). Every file must hold
     the same shape of data per event."""
+    checked: dict[str, tuple[int, tuple[int, ...]]]
+    counts: dict[str, dict[str, Any]]
+    first: tuple[str | Path, tuple[int, ...]] | None
     checked, counts, first = {}, {}, None
     for split, paths in splits.items():
         if not paths:
             raise EventFileError(f"split '{split}': no event files given")
-        per_file = {}
+        per_file: dict[str, int] = {}
         for path in tqdm(paths, desc=f"checking {split} files", mininterval=5, leave=False):
             if str(path) not in checked:
                 checked[str(path)] = check_file(path, kind, priors)
@@ -124,7 +134,8 @@ def count_splits(splits, kind="signals", priors=None):
     return counts
 
 
-def check_file(path, kind="signals", priors=None):
+def check_file(path: str | Path, kind: str = "signals",
+               priors: Mapping[str, Prior] | None = None) -> tuple[int, tuple[int, ...]]:
     """(number of events, shape of one event's data) of one file, opened once: its layout, and with
     `priors` its values (labels finite and inside their priors, observation inputs finite), read in
     contiguous chunks. EventFileError naming the file, the dataset, the count and the first index."""
@@ -140,7 +151,7 @@ def check_file(path, kind="signals", priors=None):
     return events, shape
 
 
-def _check_chunks(path, name, dataset, prior):
+def _check_chunks(path: str | Path, name: str, dataset: h5py.Dataset, prior: Prior | None) -> None:
     bad = first = None
     count = 0
     for start in range(0, dataset.shape[0], CHECK_CHUNK):
@@ -159,29 +170,34 @@ def _check_chunks(path, name, dataset, prior):
         raise EventFileError(f"{path}: '/{name}' holds NaN or inf in {count} event(s), the first at event {first}")
 
 
-def split_layout(paths, data_keys):
+def split_layout(paths: Sequence[str | Path],
+                 data_keys: Sequence[str]) -> tuple[list[int], dict[str, tuple[tuple[int, ...], np.dtype]]]:
     """(events per file, {data key: (shape of one event, numpy dtype)}), from metadata; the shapes
     and dtypes are the first file's (the count_events step checked that every file agrees)."""
+    sizes: list[int]
+    per_event: dict[str, tuple[tuple[int, ...], np.dtype]] | None
     sizes, per_event = [], None
     for path in paths:
         with open_event_file(path) as f:
             datasets = [f["data"][k] for k in data_keys]
             sizes.append(datasets[0].shape[0])
-            per_event = per_event or {k: (d.shape[1:], d.dtype) for k, d in zip(data_keys, datasets)}
+            per_event = per_event or {k: (d.shape[1:], d.dtype) for k, d in zip(data_keys, datasets, strict=True)}
+    assert per_event is not None  # `paths` is never empty: count_events refuses an empty split
     return sizes, per_event
 
 
-def read_frequencies(path):
+def read_frequencies(path: str | Path) -> np.ndarray:
     with open_event_file(path) as f:
         return f["frequencies"][()]
 
 
-def read_events(paths, labels, data_keys, limit=None):
+def read_events(paths: Sequence[str | Path], labels: Sequence[str], data_keys: Sequence[str],
+                limit: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Concatenate the named labels and data of `paths` into memory, up to `limit` events.
 
     Returns (labels dict of float64 arrays, data dict of arrays)."""
-    out_labels = {name: [] for name in labels}
-    out_data = {name: [] for name in data_keys}
+    out_labels: dict[str, list[np.ndarray]] = {name: [] for name in labels}
+    out_data: dict[str, list[np.ndarray]] = {name: [] for name in data_keys}
     remaining = np.inf if limit is None else limit
     for path in paths:
         if remaining <= 0:
@@ -202,7 +218,8 @@ def read_events(paths, labels, data_keys, limit=None):
     return labels_arr, data_arr
 
 
-def iter_chunks(paths, labels, data_keys, chunk_size, num_chunks):
+def iter_chunks(paths: Sequence[str | Path], labels: Sequence[str], data_keys: Sequence[str], chunk_size: int,
+                num_chunks: int) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
     """Yield `num_chunks` consecutive chunks of `chunk_size` events, read file by file.
 
     Each chunk is (labels dict, data dict) of numpy arrays; only one chunk (plus one
@@ -212,7 +229,7 @@ def iter_chunks(paths, labels, data_keys, chunk_size, num_chunks):
     if not paths:
         raise EventFileError("no event files given")
     keys = [("labels", k) for k in labels] + [("data", k) for k in data_keys]
-    buffer = {key: [] for key in keys}
+    buffer: dict[tuple[str, str], list[np.ndarray]] = {key: [] for key in keys}
     buffered = emitted = 0
     for path in paths:
         with open_event_file(path) as f:

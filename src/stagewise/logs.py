@@ -2,9 +2,10 @@
 
 import logging
 import sys
+from pathlib import Path
 
 
-def log_to_file(path):
+def log_to_file(path: str | Path) -> None:
     """Send logging records and stderr (where tqdm writes progress) to `path`."""
     stream = open(path, "a", buffering=1)
     sys.stderr = stream

@@ -4,13 +4,22 @@ torch is imported by the methods that use it: checking a config's priors (at eve
 start) stays free of it."""
 
 import math
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch  # for the annotations only (quoted): importing this module stays free of torch
 
 
 class Prior:
     """A prior of one parameter, built from its config entry `{distribution, low, high}`
     or `{distribution: fixed, value}`."""
 
-    def __init__(self, name, spec):
+    name: str
+    distribution: str  # "uniform", "loguniform" or "fixed"
+    low: float
+    high: float  # equal to low for a fixed prior
+
+    def __init__(self, name: str, spec: dict[str, Any]) -> None:
         self.name = name
         self.distribution = spec["distribution"]
         if self.distribution == "fixed":
@@ -22,7 +31,7 @@ class Prior:
             if self.distribution == "loguniform" and self.low <= 0:
                 raise ValueError(f"prior {name}: loguniform needs low > 0, got {self.low}")
 
-    def sample(self, n, generator):
+    def sample(self, n: int, generator: "torch.Generator") -> "torch.Tensor":
         """n float64 draws."""
         import torch
 
@@ -33,7 +42,7 @@ class Prior:
             return self.low + (self.high - self.low) * u
         return torch.exp(math.log(self.low) + (math.log(self.high) - math.log(self.low)) * u)
 
-    def log_prob(self, x):
+    def log_prob(self, x: "torch.Tensor") -> "torch.Tensor":
         """Log density at x (float64 tensor); -inf outside the support."""
         import torch
 
@@ -46,7 +55,7 @@ class Prior:
             density = torch.zeros_like(x)
         return torch.where(inside, density, torch.full_like(x, -math.inf))
 
-    def std(self):
+    def std(self) -> float:
         """Standard deviation of the prior."""
         if self.distribution == "fixed":
             return 0.0
@@ -58,11 +67,11 @@ class Prior:
         return math.sqrt(second - mean**2)
 
 
-def make_priors(specs):
+def make_priors(specs: dict[str, dict[str, Any]]) -> dict[str, Prior]:
     """{name: Prior} from a config section `{name: spec}`."""
     return {name: Prior(name, spec) for name, spec in specs.items()}
 
 
-def sample_priors(priors, n, generator):
+def sample_priors(priors: dict[str, Prior], n: int, generator: "torch.Generator") -> "dict[str, torch.Tensor]":
     """{name: float64 tensor (n,)}, drawn in the order of `priors`."""
     return {name: prior.sample(n, generator) for name, prior in priors.items()}

@@ -10,7 +10,7 @@ from pathlib import Path
 PACKAGES = ("stagewise", "torch", "nflows", "numpy", "h5py", "snakemake")
 
 
-def _version(package):
+def _version(package: str) -> str:
     try:
         return version(package)
     except PackageNotFoundError:
@@ -18,7 +18,7 @@ def _version(package):
 
 
 @functools.lru_cache(maxsize=1)
-def _git_revision():
+def _git_revision() -> tuple[str, bool]:
     """(revision, dirty) of the repository holding this package, or ("unknown", False)."""
     here = Path(__file__).resolve().parent
     try:
@@ -35,7 +35,7 @@ def _git_revision():
     return rev, bool(status.strip())
 
 
-def provenance():
+def provenance() -> dict[str, str]:
     """A flat dict of strings describing the software and machine that made an artefact."""
     rev, dirty = _git_revision()
     info = {f"version_{p}": _version(p) for p in PACKAGES}
@@ -43,6 +43,6 @@ def provenance():
         git_revision=rev,
         git_dirty=str(dirty),
         host=socket.gethostname(),
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     )
     return info

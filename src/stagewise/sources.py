@@ -5,23 +5,70 @@ batch (theta in network space (B, P), inputs (B, C, n), ASD features (B, A)). Th
 stage runner, the model and the evaluation need nothing else of the kind of data.
 """
 
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
 import torch
 
-from .data import EventBank, event_bank
-from .events import OBSERVATION_DATASET, SIGNAL_DATASETS, read_events, split_layout
-from .problem import intrinsic_names, make_simulator, observations
+from .config import Problem, Settings
+from .data import EventBank, StrainSimulator, event_bank
+from .detectors import Detectors, read_asd_file
+from .events import OBSERVATION_DATASET, SIGNAL_DATASETS, read_events, read_frequencies, split_layout
+from .priors import make_priors
+
+
+class Injections(NamedTuple):
+    """Events with known parameters, as the network and the likelihood see them."""
+
+    parameters: dict[str, torch.Tensor]  # physical values, float64 (B,) each
+    inputs: torch.Tensor  # (B, D, 2, F) whitened noisy strain, or (B, 1, K) observations
+    asd_features: torch.Tensor  # (B, A); A = 0 for observations
+    whitened_data: torch.Tensor | None  # complex128 (B, D, F); None for observations (no likelihood)
+    asds: torch.Tensor | None  # (B, D, F) the ASD that whitened each event; None for observations
+
+
+def make_simulator(problem: Problem, event_file: str, fiducial_asd_file: str | None, asd_set_file: str | None = None,
+                   device: str | torch.device = "cpu", num_asd_bands: int = 1) -> StrainSimulator:
+    """The StrainSimulator of this problem; ASDs are checked against the event file's frequencies.
+
+    num_asd_bands only shapes the ASD features, which the trafo and SVD steps do not use."""
+    if fiducial_asd_file is None:
+        raise ValueError("data.fiducial_asd_file: signals need the fiducial ASD file")
+    frequencies = read_frequencies(event_file)
+    detectors = Detectors(problem.detectors)
+    fiducial = read_asd_file(fiducial_asd_file, detectors.names, frequencies)[0]
+    asd_set = None if asd_set_file is None else read_asd_file(asd_set_file, detectors.names, frequencies)
+    return StrainSimulator(frequencies, detectors, make_priors(problem.extrinsic_prior), fiducial, asd_set,
+                           num_asd_bands, torch.device(device))
 
 
 class Source:
     """What both kinds share: reading a split's events."""
 
-    def bank(self, files, limit=None):
-        """A training or validation split (streamed when larger than local.memory_limit_mb), or with
-        `limit` the first `limit` events in memory."""
-        if limit is not None:
-            return EventBank(*read_events(files, self.names, self.datasets, limit=limit), self.device)
-        return event_bank(files, self.names, self.datasets, self.config["data"]["shuffle"],
-                          self.config["local"]["memory_limit_mb"], self.device)
+    names: list[str]
+    datasets: tuple[str, ...]
+    device: torch.device
+    num_channels: int
+    num_inputs: int
+    num_asd_features: int
+
+    def bank(self, files: list[str], shuffle: Settings, memory_limit_mb: float) -> EventBank:
+        """A training or validation split, streamed from its files when larger than `memory_limit_mb`;
+        shuffle: config `data.shuffle`."""
+        return event_bank(files, self.names, self.datasets, shuffle, memory_limit_mb, self.device)
+
+    def first_events(self, files: list[str], count: int) -> EventBank:
+        """The first `count` events of `files` (fewer when they hold fewer), in memory."""
+        labels, data = read_events(files, self.names, self.datasets, limit=count)
+        return EventBank(labels, data, self.device)
+
+    def injections(self, bank: EventBank, index: torch.Tensor, generator: torch.Generator, asd: str) -> Injections:
+        """The events at `index` with everything drawn that training draws (`asd`: fiducial or set)."""
+        raise NotImplementedError
+
+    def batch_maker(self, bank: EventBank, trafo: Any, asd: str) -> Callable[[torch.Tensor, torch.Generator], Any]:
+        """A function (index, generator) -> (theta, network inputs, ASD features) over `bank`."""
+        raise NotImplementedError
 
 
 class SignalSource(Source):
@@ -29,23 +76,20 @@ class SignalSource(Source):
 
     datasets = SIGNAL_DATASETS
 
-    def __init__(self, config, event_file, fiducial_asd, asd_set, device):
-        self.config = config
-        self.simulator = make_simulator(config, event_file, fiducial_asd, asd_set, device,
-                                        config["model"]["num_asd_bands"])
-        self.names = intrinsic_names(config)
-        self.device = torch.device(device)
-        self.num_channels = len(self.simulator.detectors.names)
-        self.num_inputs = 2 * len(self.simulator.frequencies)
-        self.num_asd_features = self.simulator.num_asd_features
+    def __init__(self, problem: Problem, simulator: StrainSimulator):
+        self.simulator = simulator
+        self.names = problem.label_names
+        self.device = simulator.device
+        self.num_channels = len(simulator.detectors.names)
+        self.num_inputs = 2 * len(simulator.frequencies)
+        self.num_asd_features = simulator.num_asd_features
 
-    def injections(self, bank, index, generator, asd):
-        """(physical parameters, inputs (B, D, 2, F), ASD features, whitened data complex (B, D, F), ASDs)."""
+    def injections(self, bank: EventBank, index: torch.Tensor, generator: torch.Generator, asd: str) -> Injections:
         labels, data = bank.take(index)
         parameters, inputs, features, asds = self.simulator.draw(data["h_plus"], data["h_cross"], labels, generator,
                                                                  asd)
         whitened = torch.complex(inputs[:, :, 0].double(), inputs[:, :, 1].double())
-        return parameters, inputs, features, whitened, asds
+        return Injections(parameters, inputs, features, whitened, asds)
 
     def batch_maker(self, bank, trafo, asd):
         """A function (index, generator) -> (theta, network inputs, ASD features)."""
@@ -61,17 +105,17 @@ class ObservationSource(Source):
 
     datasets = (OBSERVATION_DATASET,)
 
-    def __init__(self, config, num_inputs, device):
-        self.config = config
-        self.names = intrinsic_names(config)
+    def __init__(self, problem: Problem, num_inputs: int, device: str | torch.device):
+        self.names = problem.label_names
         self.device = torch.device(device)
         self.num_channels, self.num_inputs, self.num_asd_features = 1, num_inputs, 0
 
-    def injections(self, bank, index, generator=None, asd=None):
-        """(labels, inputs (B, 1, K), empty ASD features, None, None): there is no likelihood."""
+    def injections(self, bank: EventBank, index: torch.Tensor, generator: torch.Generator | None = None,
+                   asd: str | None = None) -> Injections:  # type: ignore[override]
+        """The events at `index` as stored: there is no likelihood, so no whitened data or ASDs."""
         labels, data = bank.take(index)
         inputs = data[OBSERVATION_DATASET][:, None, :]
-        return labels, inputs, torch.zeros(len(inputs), 0, device=inputs.device), None, None
+        return Injections(labels, inputs, torch.zeros(len(inputs), 0, device=inputs.device), None, None)
 
     def batch_maker(self, bank, trafo, asd=None):
         def make(index, generator):
@@ -80,10 +124,11 @@ class ObservationSource(Source):
         return make
 
 
-def make_source(config, event_file, fiducial_asd=None, asd_set=None, device="cpu"):
-    """The source of this config's kind of data; `event_file` gives the shape of the data."""
-    if observations(config):
+def make_source(problem: Problem, event_file: str, fiducial_asd: str | None = None, asd_set: str | None = None,
+                device: str | torch.device = "cpu", num_asd_bands: int = 1) -> SignalSource | ObservationSource:
+    """The source of this problem's kind of data; `event_file` gives the shape of the data."""
+    if problem.observations:
         _, per_event = split_layout([event_file], (OBSERVATION_DATASET,))
         (num_inputs,), _ = per_event[OBSERVATION_DATASET]
-        return ObservationSource(config, num_inputs, device)
-    return SignalSource(config, event_file, fiducial_asd, asd_set, device)
+        return ObservationSource(problem, num_inputs, device)
+    return SignalSource(problem, make_simulator(problem, event_file, fiducial_asd, asd_set, device, num_asd_bands))

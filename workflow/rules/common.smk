@@ -11,25 +11,14 @@ os.environ.update(
 )
 
 from stagewise import config as settings
-from stagewise.problem import check_config, is_regression
 
-settings.validate(
-    config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
-)
+settings.validate(config)
 RUN = Path("results") / config["run"]
-STAGES = sorted(config["training"], key=lambda name: int(name.split("_")[1]))
-SPLITS = ("training", "trafo", "validation", "test")
+STAGES = settings.stage_names(config)
 ENV = "../../envs/stagewise.yaml"
 TRAINING_JOB = config["local"]["training_job"]
-OBSERVATIONS = config["data"]["kind"] == "observations"
-# One SVD basis per detector for signals, one of the inputs for observations, none with svd: null.
-SVD_NAMES = (
-    []
-    if config["svd"] is None
-    else ["inputs"] if OBSERVATIONS else list(config["detectors"])
-)
-
-check_config(config)
+PROBLEM = settings.Problem.from_settings(config)
+SVD_NAMES = settings.svd_names(config)
 
 
 def split_files(split):
@@ -47,7 +36,7 @@ def split_files(split):
 
 def asd_file(kind):
     """The fiducial ASD file or the ASD-set file (none for observations)."""
-    if OBSERVATIONS:
+    if PROBLEM.observations:
         return []
     if config["data"]["simulate"]:
         return str(RUN / "data" / f"{kind}.h5")
@@ -65,7 +54,7 @@ def stage_dir(stage):
 
 def stage_model(stage):
     """A stage's model file: torch (.pt) for flows, Keras (.keras) for gaussian_regression."""
-    suffix = ".keras" if is_regression(config) else ".pt"
+    suffix = ".keras" if settings.is_regression(config) else ".pt"
     return stage_dir(stage) / f"model_{stage}{suffix}"
 
 

@@ -21,7 +21,9 @@ if config["data"]["simulate"]:
 
 rule count_events:
     input:
-        unpack(lambda wildcards: {split: split_files(split) for split in SPLITS}),
+        unpack(
+            lambda wildcards: {split: split_files(split) for split in settings.SPLITS}
+        ),
     output:
         RUN / "counts.yaml",
     log:

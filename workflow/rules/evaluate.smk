@@ -22,7 +22,7 @@ EVALUATION_OUTPUTS = dict(
         )
     },
 )
-if config["model"]["type"] == "flow":
+if not settings.is_regression(config):
     EVALUATION_OUTPUTS.update(
         importance_sampling=EVALUATION / "importance_sampling.csv",
         **{

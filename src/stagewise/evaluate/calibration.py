@@ -1,10 +1,12 @@
 """P-P calibration: where each true value falls in its posterior."""
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 from scipy import stats
 
 
-def credible_levels(samples, truths, weights=None):
+def credible_levels(samples: np.ndarray, truths: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """Posterior mass below the truth: samples (N, S, P), truths (N, P), optional weights
     (N, S) summing to one per injection -> (N, P).
 
@@ -15,22 +17,23 @@ def credible_levels(samples, truths, weights=None):
     return np.einsum("nsp,ns->np", below, weights)
 
 
-def ks_pvalues(levels, names):
+def ks_pvalues(levels: np.ndarray, names: Sequence[str]) -> dict[str, float]:
     """{name: KS-test p-value of the levels against U(0, 1)}."""
     return {name: float(stats.kstest(levels[:, i], "uniform").pvalue) for i, name in enumerate(names)}
 
 
-def combined_pvalue(pvalues):
+def combined_pvalue(pvalues: Mapping[str, float]) -> float:
     """Fisher's combination of the per-parameter p-values (as bilby's P-P plot reports it)."""
     return float(stats.combine_pvalues(list(pvalues.values()), method="fisher").pvalue)
 
 
-def pp_curve(levels, grid):
+def pp_curve(levels: np.ndarray, grid: np.ndarray) -> np.ndarray:
     """Fraction of injections whose level is below each credible level in `grid`: (len(grid), P)."""
     return (levels[None, :, :] <= grid[:, None, None]).mean(axis=1)
 
 
-def gaussian_summary(names, truth_network, mean_network, sigma_network, truth, mean):
+def gaussian_summary(names: Sequence[str], truth_network: np.ndarray, mean_network: np.ndarray,
+                     sigma_network: np.ndarray, truth: np.ndarray, mean: np.ndarray) -> dict[str, dict[str, float]]:
     """Per label: residuals of the predicted mean in physical units, pulls and the coverage of the
     ±1σ and ±1.96σ intervals in network (trafo) space, where a Gaussian prediction lives.
 

@@ -8,28 +8,30 @@ q covers the posterior.
 """
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..priors import make_priors
-from ..problem import prior_specs
+from ..config import Problem
+from ..data import StrainSimulator
+from ..priors import Prior, make_priors
 from ..simulate.likelihood import log_likelihood, phase_marginalised_log_likelihood
 
 LIKELIHOOD_PARAMETERS = ("f0", "tau", "snr", "phase", "time")
 
 
-def likelihood_plan(config):
+def likelihood_plan(problem: Problem) -> tuple[dict[str, str | float] | None, str | None]:
     """How each parameter of the ringdown likelihood is handled: ({name: "inferred" |
     "marginalised" | fixed value}, None), or (None, the reason importance sampling cannot run)."""
-    if not config["data"]["simulate"]:
+    if not problem.simulated:
         return None, "the event files are the user's own: stagewise knows no likelihood for them"
-    priors = prior_specs(config)
-    plan = {}
+    plan: dict[str, str | float] = {}
     for name in LIKELIHOOD_PARAMETERS:
-        spec = priors.get(name)
-        if name in config["inference_parameters"]:
+        spec = problem.priors.get(name)
+        if name in problem.inference_parameters:
             plan[name] = "inferred"
         elif spec is None:
             return None, f"the ringdown likelihood needs a prior for '{name}'"
@@ -47,18 +49,24 @@ def likelihood_plan(config):
 class ImportanceSampler:
     """log w of posterior samples for one injection's whitened data and ASD."""
 
-    def __init__(self, config, plan, simulator):
-        self.names = list(config["inference_parameters"])
+    names: list[str]  # the inference parameters, the columns of the samples
+    plan: dict[str, Any]  # likelihood_plan's: {name: "inferred" | "marginalised" | fixed value}
+    simulator: StrainSimulator
+    priors: dict[str, Prior]
+
+    def __init__(self, problem: Problem, plan: dict[str, Any], simulator: StrainSimulator) -> None:
+        self.names = list(problem.inference_parameters)
         self.plan = plan
         self.simulator = simulator
-        known = prior_specs(config)
-        self.priors = make_priors({name: known[name] for name in self.names})
+        self.priors = make_priors({name: problem.priors[name] for name in self.names})
 
-    def log_weights(self, samples, log_q, whitened_data, asd):
+    def log_weights(self, samples: torch.Tensor, log_q: torch.Tensor, whitened_data: torch.Tensor,
+                    asd: torch.Tensor) -> torch.Tensor:
         """samples: float64 (S, P) physical values; log_q: (S,) network density in physical
         space; whitened_data: complex (D, F); asd: (D, F). Returns float64 (S,), -inf outside the prior."""
         columns = {name: samples[:, i] for i, name in enumerate(self.names)}
         log_prior = sum(self.priors[name].log_prob(columns[name]) for name in self.names)
+        assert isinstance(log_prior, torch.Tensor)  # a sum of tensors: there is at least one inference parameter
         inside = torch.isfinite(log_prior)
         parameters = {
             name: columns[name][inside] if how == "inferred" else torch.full((int(inside.sum()),), how,
@@ -74,14 +82,15 @@ class ImportanceSampler:
         return log_w
 
 
-def importance_sample(sampler, samples, log_q, whitened_data, asds):
+def importance_sample(sampler: ImportanceSampler, samples: torch.Tensor, log_q: torch.Tensor,
+                      whitened_data: torch.Tensor, asds: torch.Tensor) -> torch.Tensor:
     """log w (N, S) for N injections: samples (N, S, P), log_q (N, S), data and ASDs (N, D, F)."""
     rows = [sampler.log_weights(samples[i], log_q[i], whitened_data[i], asds[i])
             for i in tqdm(range(len(samples)), desc="importance sampling", mininterval=5)]
     return torch.stack(rows)
 
 
-def summary(log_w):
+def summary(log_w: torch.Tensor) -> tuple[float, float, float]:
     """(efficiency n_eff / n, log evidence, its standard error) of one injection's log weights (S,)."""
     n = log_w.numel()
     if not torch.isfinite(log_w).any():
@@ -92,13 +101,13 @@ def summary(log_w):
     return n_eff / n, log_evidence, math.sqrt(max(n - n_eff, 0.0) / (n * n_eff))
 
 
-def normalised_weights(log_w):
+def normalised_weights(log_w: torch.Tensor) -> np.ndarray:
     """Weights (N, S) summing to one per injection (all zero where every weight is)."""
     weights = torch.softmax(log_w, dim=1)
     return torch.nan_to_num(weights, nan=0.0).numpy()
 
 
-def efficiency_quantiles(efficiencies):
+def efficiency_quantiles(efficiencies: np.ndarray | Sequence[float]) -> dict[str, float]:
     """{efficiency_median, efficiency_q16, efficiency_q84} as fractions."""
     q16, median, q84 = np.quantile(efficiencies, [0.16, 0.5, 0.84])
     return {"efficiency_median": float(median), "efficiency_q16": float(q16), "efficiency_q84": float(q84)}

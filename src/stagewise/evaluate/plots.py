@@ -1,24 +1,30 @@
 """PNG plots of an evaluation: loss curves, P-P plot, posteriors of a few test events."""
 
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from ..files import atomic_path  # noqa: E402
 from .calibration import pp_curve  # noqa: E402
 
 
-def _save(fig, path):
+def _save(fig: Figure, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
-def loss_curves(histories, path):
-    """Train and test loss of all stages over the running epoch, stage boundaries dashed.
+def loss_curves(histories: Sequence[tuple[str, pd.DataFrame]], path: str | Path) -> None:
+    """Training and validation loss of all stages over the running epoch, stage boundaries dashed.
 
     histories: list of (stage name, pandas DataFrame of history.csv)."""
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -26,7 +32,7 @@ def loss_curves(histories, path):
     for i, (stage, history) in enumerate(histories):
         epochs = history["epoch"] + offset
         ax.plot(epochs, history["train_loss"], color=f"C{i}", label=f"{stage} train")
-        ax.plot(epochs, history["test_loss"], color=f"C{i}", linestyle=":", label=f"{stage} test")
+        ax.plot(epochs, history["validation_loss"], color=f"C{i}", linestyle=":", label=f"{stage} validation")
         if offset:
             ax.axvline(offset + 0.5, color="gray", linestyle="--", linewidth=1)
         offset += len(history)
@@ -35,14 +41,14 @@ def loss_curves(histories, path):
     _save(fig, path)
 
 
-def pp_plot(levels, names, pvalues, path):
+def pp_plot(levels: np.ndarray, names: Sequence[str], pvalues: Mapping[str, float], path: str | Path) -> None:
     """P-P curves per parameter with the 95 % band of a calibrated posterior."""
     grid = np.linspace(0, 1, 201)
     n = len(levels)
     fig, ax = plt.subplots(figsize=(5, 5))
     lower, upper = stats.binom.ppf(0.025, n, grid) / n, stats.binom.ppf(0.975, n, grid) / n
     ax.fill_between(grid, lower, upper, color="gray", alpha=0.3, label="95 % band")
-    for i, (name, curve) in enumerate(zip(names, pp_curve(levels, grid).T)):
+    for name, curve in zip(names, pp_curve(levels, grid).T, strict=True):
         ax.plot(grid, curve, label=f"{name} (KS p = {pvalues[name]:.2f})")
     ax.plot([0, 1], [0, 1], color="black", linewidth=0.8)
     ax.set(xlabel="credible level", ylabel="fraction of injections inside", title=f"P-P plot, {n} injections")
@@ -50,16 +56,17 @@ def pp_plot(levels, names, pvalues, path):
     _save(fig, path)
 
 
-def corner_plots(samples, weights, truths, names, path):
+def corner_plots(samples: np.ndarray, weights: np.ndarray | None, truths: np.ndarray, names: Sequence[str],
+                 path: str | Path) -> None:
     """A corner plot per event, side by side: network samples, IS-reweighted samples, truth.
 
     samples (E, S, P); weights (E, S) summing to one per event, or None without IS; truths (E, P)."""
     events, num_samples, count = samples.shape
     if weights is not None:  # a fixed-seed resampling, only to show the reweighted samples as points
         rng = np.random.default_rng(0)
-        resampled = [rng.choice(num_samples, num_samples, p=w) if w.sum() > 0 else [] for w in weights]
+        resampled: list[Any] = [rng.choice(num_samples, num_samples, p=w) if w.sum() > 0 else [] for w in weights]
     fig = plt.figure(figsize=(3.2 * count * events, 3.2 * count))
-    for e, subfig in enumerate(np.atleast_1d(fig.subfigures(1, events))):
+    for e, subfig in enumerate(np.atleast_1d(fig.subfigures(1, events))):  # type: ignore[arg-type]
         axes = subfig.subplots(count, count, squeeze=False)
         ranges = [np.quantile(samples[e, :, i], [0.001, 0.999]) for i in range(count)]
         for r in range(count):
@@ -101,7 +108,7 @@ def _marginal(ax, values, weights, value_range):
     ax.set_xlim(value_range)
 
 
-def svd_mismatch(tables, path):
+def svd_mismatch(tables: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path) -> None:
     """Mismatch of held-out signals (or observations) against the SVD basis size, per basis.
 
     tables: {detector or "inputs": mismatch table of svd.mismatch_table}; empty without SVD."""
@@ -119,7 +126,7 @@ def svd_mismatch(tables, path):
     _save(fig, path)
 
 
-def label_distributions(physical, network, names, path):
+def label_distributions(physical: np.ndarray, network: np.ndarray, names: Sequence[str], path: str | Path) -> None:
     """Histograms of the test injections' labels: physical (top) and after the trafo (bottom)."""
     count = len(names)
     fig, axes = plt.subplots(2, count, figsize=(3 * count, 4.4), squeeze=False)
@@ -135,12 +142,12 @@ def label_distributions(physical, network, names, path):
     _save(fig, path)
 
 
-def pulls(pulls_by_label, path):
+def pulls(pulls_by_label: Mapping[str, np.ndarray], path: str | Path) -> None:
     """Histogram of the pulls (prediction − truth) / σ of each label, with the unit Gaussian."""
     names = list(pulls_by_label)
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3), squeeze=False)
     grid = np.linspace(-4, 4, 200)
-    for ax, name in zip(axes[0], names):
+    for ax, name in zip(axes[0], names, strict=True):
         values = np.clip(pulls_by_label[name], -4, 4)
         ax.hist(values, bins=30, range=(-4, 4), density=True, color="C0", alpha=0.6)
         ax.plot(grid, stats.norm.pdf(grid), color="black", linewidth=1)

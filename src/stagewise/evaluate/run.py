@@ -1,10 +1,13 @@
-"""The evaluate step: test loss, P-P calibration and importance sampling on seeded test
-injections, with the metrics, a per-injection table and the plots."""
+"""The evaluate step: the last stage's model on seeded test injections. Both model types get the
+test loss, per-label residuals, pulls and coverage, the metrics table and the common plots; the
+flow (a posterior) also P-P calibration, posterior widths, corner plots and importance sampling."""
 
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -12,23 +15,140 @@ import torch
 from tqdm import tqdm
 
 from .. import seeds
+from ..config import Problem, Settings, is_regression, label_weights
 from ..files import atomic_path, write_json, write_text
+from ..models.posterior import PosteriorModel, load_flow_model
 from ..priors import make_priors
-from ..problem import prior_specs
-from ..sources import make_source
+from ..sources import Injections, SignalSource, Source, make_source
 from ..svd import load_svd
 from ..trafo import Trafo
-from ..training.stage import load_model
 from . import plots
 from .calibration import combined_pvalue, credible_levels, gaussian_summary, ks_pvalues
-from .importance import ImportanceSampler, efficiency_quantiles, importance_sample, likelihood_plan, \
-    normalised_weights, summary
+from .importance import (
+    ImportanceSampler,
+    efficiency_quantiles,
+    importance_sample,
+    likelihood_plan,
+    normalised_weights,
+    summary,
+)
 
 log = logging.getLogger(__name__)
 SAMPLING_CHUNK = 16
 
 
-def posterior_samples(model, trafo, strain, features, num_samples):
+@dataclass(frozen=True)
+class EvaluationInputs:
+    """The files the evaluation reads."""
+
+    model: str  # the last stage's model file
+    histories: dict[str, str]  # stage -> history.csv
+    trafo: str
+    test_files: list[str]
+    fiducial_asd: str | None  # None for observations
+    asd_set: str | None
+    svd: dict[str, str]  # basis name -> svd_<name>.h5
+    compare: dict[str, str]  # other run -> its metrics.json
+
+
+class TestSet(NamedTuple):
+    """The seeded test injections, physical and as the network sees them."""
+
+    source: Source
+    injections: Injections
+    theta: torch.Tensor  # (N, P) labels in network space
+    network_inputs: torch.Tensor  # the trafo's standardised inputs
+    truths: np.ndarray  # (N, P) physical labels, from theta
+
+
+def test_set(settings: Settings, inputs: EvaluationInputs, trafo: Trafo, stage: str,
+             device: str | torch.device) -> TestSet:
+    """The first evaluation.num_injections test events with their extrinsic parameters, ASDs and noise
+    drawn as in `stage`'s training, seeded by the run's seed."""
+    problem, num_injections = Problem.from_settings(settings), settings["evaluation"]["num_injections"]
+    source = make_source(problem, inputs.test_files[0], inputs.fiducial_asd, inputs.asd_set, device,
+                         settings["model"]["num_asd_bands"])
+    bank = source.first_events(inputs.test_files, num_injections)
+    if len(bank) < num_injections:
+        raise ValueError(f"evaluation.num_injections: {num_injections} asked, the test split holds {len(bank)} events")
+    generator = seeds.generator(settings["seed"], "evaluation", device=device)
+    index = torch.arange(len(bank), device=device)
+    injections = source.injections(bank, index, generator, settings["training"][stage]["asd"])
+    theta = trafo.labels_to_network(injections.parameters)
+    truths = trafo.labels_from_network(theta).cpu().numpy()
+    return TestSet(source, injections, theta, trafo.inputs_to_network(injections.inputs), truths)
+
+
+def evaluate(settings: Settings, local: Settings, inputs: EvaluationInputs, outdir: str | Path,
+             threads: int = 1) -> dict[str, Any]:
+    """Write metrics.json, metrics.html and the plots (the flow: also importance_sampling.csv) to
+    `outdir`; return the metrics. settings: config.evaluation_settings; local: config `local`."""
+    torch.set_num_threads(threads)
+    outdir, trafo = Path(outdir), Trafo.load(inputs.trafo)
+    names = settings["inference_parameters"]
+    if is_regression(settings):
+        metrics, pulls, test = regression_metrics(settings, inputs, trafo, threads)
+    else:
+        metrics, pulls, test = flow_metrics(settings, inputs, trafo, torch.device(local["device"]), outdir)
+    write_metrics(metrics, inputs.compare, outdir)
+    histories = [(stage, read_history(path)) for stage, path in inputs.histories.items()]
+    plots.loss_curves(histories, outdir / "loss_curves.png")
+    plots.pulls({name: pulls[:, i] for i, name in enumerate(names)}, outdir / "pulls.png")
+    tables = {name: load_svd(path)[1] for name, path in inputs.svd.items()}
+    plots.svd_mismatch(tables, outdir / "svd_mismatch.png")
+    plots.label_distributions(test.truths, test.theta.cpu().numpy(), names, outdir / "label_distributions.png")
+    return metrics
+
+
+def metrics_head(model_type: str, test: TestSet, test_loss: float) -> dict[str, Any]:
+    """The first keys of metrics.json, the same for every model type."""
+    return {"model_type": model_type, "test_data_digest": test_data_digest(test.truths, test.injections.inputs),
+            "test_loss": test_loss, "num_injections": len(test.truths)}
+
+
+def flow_metrics(settings: Settings, inputs: EvaluationInputs, trafo: Trafo, device: torch.device,
+                 outdir: Path) -> tuple[dict[str, Any], np.ndarray, TestSet]:
+    """(metrics, pulls of the posterior means (N, P), test set) of the flow; writes its own files:
+    importance_sampling.csv, pp_plot.png and corner.png."""
+    model, state = load_flow_model(inputs.model, device)
+    model.eval()
+    test = test_set(settings, inputs, trafo, state["stage"], device)
+    problem, evaluation = Problem.from_settings(settings), settings["evaluation"]
+    names = settings["inference_parameters"]
+    features = test.injections.asd_features
+    with torch.no_grad():
+        test_loss = float(model.loss(test.theta, test.network_inputs, features))
+    torch.manual_seed(seeds.derived_seed(settings["seed"], "evaluation", "sampling"))
+    samples, log_q, mean_network, std_network = posterior_samples(model, trafo, test.network_inputs, features,
+                                                                  evaluation["num_samples"])
+    levels = credible_levels(samples.numpy(), test.truths)
+    pvalues = ks_pvalues(levels, names)
+    priors = make_priors(problem.priors)
+    prior_stds = {n: priors[n].std() for n in names}
+    metrics = metrics_head("flow", test, test_loss) | {
+        "num_samples": evaluation["num_samples"],
+        "pp_ks_pvalue": pvalues,
+        "pp_ks_pvalue_combined": combined_pvalue(pvalues),
+        "posterior_std_over_prior_std": {
+            n: float(np.median(samples[:, :, i].std(dim=1).numpy()) / prior_stds[n]) for i, n in enumerate(names)
+            if prior_stds[n]
+        },
+        "per_label": gaussian_summary(names, test.theta.cpu().numpy(), mean_network.numpy(), std_network.numpy(),
+                                      test.truths, samples.mean(1).numpy()),
+    }
+    metrics["importance_sampling"], weights = importance_sampling(problem, test, samples, log_q, outdir)
+    log.info("test loss %.4f, P-P KS p-values %s, importance sampling %s", test_loss, pvalues,
+             metrics["importance_sampling"])
+    plots.pp_plot(levels, names, pvalues, outdir / "pp_plot.png")
+    shown = evaluation["num_plot_events"]
+    plots.corner_plots(samples.numpy()[:shown], None if weights is None else weights[:shown], test.truths[:shown],
+                       names, outdir / "corner.png")
+    pulls = (mean_network.numpy() - test.theta.cpu().numpy()) / std_network.numpy()
+    return metrics, pulls, test
+
+
+def posterior_samples(model: PosteriorModel, trafo: Trafo, strain: torch.Tensor, features: torch.Tensor,
+                      num_samples: int) -> tuple[torch.Tensor, ...]:
     """Physical posterior samples (N, S, P), their log q in physical space (N, S), and the mean and
     std of the samples in network space (N, P) each."""
     samples, log_q, means, stds = [], [], [], []
@@ -42,131 +162,67 @@ def posterior_samples(model, trafo, strain, features, num_samples):
     return torch.cat(samples), torch.cat(log_q), torch.cat(means), torch.cat(stds)
 
 
-def prior_stds(config, names):
-    priors = make_priors(prior_specs(config))
-    return {n: priors[n].std() for n in names if n in priors}
-
-
-def test_injections(config, inputs, model_stage, device):
-    """The source and its seeded test injections: (physical parameters, inputs, ASD features,
-    whitened data complex (N, D, F) and ASDs (N, D, F), both None for observations)."""
-    num_injections = config["evaluation"]["num_injections"]
-    source = make_source(config, inputs["test_files"][0], inputs.get("fiducial_asd"), inputs.get("asd_set"), device)
-    bank = source.bank(inputs["test_files"], limit=num_injections)
-    if len(bank) < num_injections:
-        raise ValueError(f"evaluation.num_injections: {num_injections} asked, the test split holds {len(bank)} events")
-    generator = seeds.generator(config["seed"], "evaluation", device=device)
-    index = torch.arange(len(bank), device=device)
-    return source, source.injections(bank, index, generator, config["training"][model_stage]["asd"])
-
-
-def evaluate(config, inputs, outdir, threads=1):
-    """Write metrics.json, metrics.html, importance_sampling.csv and the plots to `outdir`.
-
-    inputs: dict with model (the last stage's), histories (dict stage -> history.csv),
-    trafo, test_files, fiducial_asd, asd_set, svd (dict detector -> svd file)."""
-    torch.set_num_threads(threads)
-    settings = config["evaluation"]
-    device = torch.device(config["local"]["device"])
-    outdir = Path(outdir)
-    model, state = load_model(inputs["model"], device)
-    model.eval()
-    trafo = Trafo.load(inputs["trafo"])
-    names = config["inference_parameters"]
-    source, (parameters, raw_inputs, features, data, asds) = test_injections(config, inputs, state["stage"], device)
-    theta, strain = trafo.labels_to_network(parameters), trafo.inputs_to_network(raw_inputs)
-    with torch.no_grad():
-        test_loss = float(model.loss(theta, strain, features))
-    torch.manual_seed(seeds.derived_seed(config["seed"], "evaluation", "sampling"))
-    samples, log_q, mean_network, std_network = posterior_samples(model, trafo, strain, features,
-                                                                  settings["num_samples"])
-    truths = trafo.labels_from_network(theta).cpu().numpy()
-    levels = credible_levels(samples.numpy(), truths)
-    pvalues = ks_pvalues(levels, names)
-    stds = prior_stds(config, names)
-    per_label = gaussian_summary(names, theta.cpu().numpy(), mean_network.numpy(), std_network.numpy(), truths,
-                                 samples.mean(1).numpy())
-    metrics = {
-        "model_type": "flow",
-        "test_data_digest": test_data_digest(truths, raw_inputs),
-        "test_loss": test_loss,
-        "num_injections": len(truths),
-        "num_samples": settings["num_samples"],
-        "pp_ks_pvalue": pvalues,
-        "pp_ks_pvalue_combined": combined_pvalue(pvalues),
-        "posterior_std_over_prior_std": {
-            n: float(np.median(samples[:, :, i].std(dim=1).numpy()) / stds[n]) for i, n in enumerate(names)
-            if stds.get(n)
-        },
-        "per_label": per_label,
-    }
-    plan, reason = likelihood_plan(config)
-    weights = None
+def importance_sampling(problem: Problem, test: TestSet, samples: torch.Tensor, log_q: torch.Tensor,
+                        outdir: Path) -> tuple[dict[str, Any], np.ndarray | None]:
+    """(the metrics' importance_sampling section, the normalised weights (N, S) or None when it cannot
+    run); writes importance_sampling.csv (empty when it cannot run)."""
+    plan, reason = likelihood_plan(problem)
+    section: dict[str, Any]
     if plan is None:
         log.info("importance sampling skipped: %s", reason)
-        metrics["importance_sampling"] = {"skipped": reason}
         table = pd.DataFrame(columns=["injection", "efficiency", "log_evidence", "log_evidence_std"])
+        section, weights = {"skipped": reason}, None
     else:
-        log_w = importance_sample(ImportanceSampler(config, plan, source.simulator), samples, log_q, data.cpu(),
-                                  asds.cpu())
-        table = pd.DataFrame([summary(row) for row in log_w], columns=["efficiency", "log_evidence", "log_evidence_std"])
+        data, asds = test.injections.whitened_data, test.injections.asds
+        assert isinstance(test.source, SignalSource) and data is not None and asds is not None  # a likelihood: signals
+        sampler = ImportanceSampler(problem, plan, test.source.simulator)
+        log_w = importance_sample(sampler, samples, log_q, data.cpu(), asds.cpu())
+        table = pd.DataFrame([summary(row) for row in log_w],
+                             columns=["efficiency", "log_evidence", "log_evidence_std"])
         table.insert(0, "injection", range(len(table)))
         weights = normalised_weights(log_w)
-        reweighted = ks_pvalues(credible_levels(samples.numpy(), truths, weights), names)
-        metrics["importance_sampling"] = {
+        reweighted = ks_pvalues(credible_levels(samples.numpy(), test.truths, weights), problem.inference_parameters)
+        section = {
             **efficiency_quantiles(table["efficiency"]),
             "log_evidence_std_median": float(table["log_evidence_std"].median()),
             "phase": plan["phase"],
             "pp_ks_pvalue": reweighted,
             "pp_ks_pvalue_combined": combined_pvalue(reweighted),
         }
-    write_metrics(metrics, inputs, outdir)
     with atomic_path(outdir / "importance_sampling.csv") as tmp:
         table.to_csv(tmp, index=False)
-    log.info("test loss %.4f, P-P KS p-values %s, importance sampling %s", test_loss, pvalues,
-             metrics["importance_sampling"])
-    plots.pp_plot(levels, names, pvalues, outdir / "pp_plot.png")
-    shown = settings["num_plot_events"]
-    plots.corner_plots(samples.numpy()[:shown], None if weights is None else weights[:shown], truths[:shown], names,
-                       outdir / "corner.png")
-    pulls = (mean_network.numpy() - theta.cpu().numpy()) / std_network.numpy()
-    common_plots(config, inputs, outdir, truths, theta.cpu().numpy(), pulls)
-    return metrics
+    return section, weights
 
 
-def evaluate_regression(config, inputs, outdir, threads=1):
-    """The evaluate step of `model.type: gaussian_regression`: test loss, residuals, pulls and
-    coverage per label, the comparison table and the plots."""
+def regression_metrics(settings: Settings, inputs: EvaluationInputs, trafo: Trafo,
+                       threads: int) -> tuple[dict[str, Any], np.ndarray, TestSet]:
+    """(metrics, pulls of the predicted means (N, P), test set) of `model.type: gaussian_regression`."""
     from ..models import regression
 
-    torch.set_num_threads(threads)
-    regression.configure(threads, seeds.derived_seed(config["seed"], "evaluation"))
-    outdir = Path(outdir)
-    model = regression.load_model(inputs["model"])
-    trafo = Trafo.load(inputs["trafo"])
-    names = config["inference_parameters"]
-    _, (parameters, raw_inputs, features, _, _) = test_injections(config, inputs, model.info["stage"], "cpu")
-    theta, strain = trafo.labels_to_network(parameters), trafo.inputs_to_network(raw_inputs)
-    theta_tf, strain_tf, features_tf = regression.to_tf((theta, strain, features))
+    regression.configure(threads, seeds.derived_seed(settings["seed"], "evaluation"))
+    model = regression.load_regression_model(inputs.model)
+    test = test_set(settings, inputs, trafo, model.info["stage"], "cpu")
+    names = settings["inference_parameters"]
+    theta_tf, strain_tf, features_tf = regression.to_tf((test.theta, test.network_inputs, test.injections.asd_features))
     mean, log_sigma = model((strain_tf, features_tf))
-    test_loss = float(regression.gaussian_nll(theta_tf, mean, log_sigma, regression.label_weights(config)))
+    weights = np.array(label_weights(settings["model"], names), dtype=np.float32)
+    test_loss = float(regression.gaussian_nll(theta_tf, mean, log_sigma, weights))
     mean, sigma = mean.numpy().astype(np.float64), np.exp(log_sigma.numpy().astype(np.float64))
-    truths = trafo.labels_from_network(theta).cpu().numpy()
     predicted = trafo.labels_from_network(torch.as_tensor(mean)).numpy()
-    metrics = {
-        "model_type": "gaussian_regression",
-        "test_data_digest": test_data_digest(truths, raw_inputs),
-        "test_loss": test_loss,
-        "num_injections": len(truths),
-        "per_label": gaussian_summary(names, theta.cpu().numpy(), mean, sigma, truths, predicted),
+    theta = test.theta.cpu().numpy()
+    metrics = metrics_head("gaussian_regression", test, test_loss) | {
+        "per_label": gaussian_summary(names, theta, mean, sigma, test.truths, predicted),
     }
-    write_metrics(metrics, inputs, outdir)
     log.info("test loss %.4f, per label %s", test_loss, metrics["per_label"])
-    common_plots(config, inputs, outdir, truths, theta.cpu().numpy(), (mean - theta.cpu().numpy()) / sigma)
-    return metrics
+    return metrics, (mean - theta) / sigma, test
 
 
-def test_data_digest(truths, raw_inputs):
+def read_history(path: str) -> pd.DataFrame:
+    """history.csv; files written before the validation loss was renamed call it test_loss."""
+    return pd.read_csv(path).rename(columns={"test_loss": "validation_loss"})
+
+
+def test_data_digest(truths: np.ndarray, raw_inputs: torch.Tensor) -> str:
     """A short hash of the test injections (labels and inputs): equal digests mean two runs were
     evaluated on the same data."""
     digest = hashlib.sha256(np.ascontiguousarray(truths, dtype=np.float64).tobytes())
@@ -174,15 +230,15 @@ def test_data_digest(truths, raw_inputs):
     return digest.hexdigest()[:16]
 
 
-def write_metrics(metrics, inputs, outdir):
+def write_metrics(metrics: dict[str, Any], compare: dict[str, str], outdir: Path) -> None:
     """metrics.json, and the same as an HTML table for the report with the side-by-side comparison."""
     write_json(outdir / "metrics.json", metrics)
     flat = pd.json_normalize(metrics, sep=".").T.rename(columns={0: "value"})
-    html = f"<h3>metrics.json</h3>{flat.to_html()}{comparison_html(metrics, inputs.get('compare', {}))}"
+    html = f"<h3>metrics.json</h3>{flat.to_html()}{comparison_html(metrics, compare)}"
     write_text(outdir / "metrics.html", f"<html><body>{html}</body></html>\n")
 
 
-def comparison_html(metrics, others):
+def comparison_html(metrics: dict[str, Any], others: dict[str, str]) -> str:
     """Per-label residuals, pulls and coverage of this run beside those of the runs in `others`
     ({run: metrics.json path}) that were evaluated on the same test data."""
     if not others:
@@ -200,14 +256,3 @@ def comparison_html(metrics, others):
     table.loc[("all", "test_loss"), :] = [m["test_loss"] for m in columns.values()]
     note = f"<p>Not compared (other test data): {', '.join(skipped)}</p>" if skipped else ""
     return f"<h3>Side by side (same test injections)</h3>{table.to_html(float_format='%.4g')}{note}"
-
-
-def common_plots(config, inputs, outdir, truths, theta, pulls):
-    """The plots of both model types: loss curves, pulls, SVD mismatch and label distributions."""
-    names = config["inference_parameters"]
-    histories = [(stage, pd.read_csv(path)) for stage, path in inputs["histories"].items()]
-    plots.loss_curves(histories, outdir / "loss_curves.png")
-    plots.pulls({name: pulls[:, i] for i, name in enumerate(names)}, outdir / "pulls.png")
-    tables = {name: load_svd(path)[1] for name, path in inputs["svd"].items()}
-    plots.svd_mismatch(tables, outdir / "svd_mismatch.png")
-    plots.label_distributions(truths, theta, names, outdir / "label_distributions.png")

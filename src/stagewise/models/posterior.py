@@ -1,5 +1,9 @@
 """The neural posterior estimator: an nflows neural spline flow conditioned on the embedding."""
 
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
 import torch
 from nflows import distributions, flows, transforms
 from nflows.nn.nets import ResidualNet
@@ -7,10 +11,12 @@ from nflows.utils import create_alternating_binary_mask
 from torch import nn
 from torch.nn import functional as F
 
+from ..files import read_torch_file
 from .embedding import EmbeddingNet
 
 
-def spline_flow(num_parameters, context_dim, num_transforms, hidden_dim, num_blocks, num_bins, tail_bound):
+def spline_flow(num_parameters: int, context_dim: int, num_transforms: int, hidden_dim: int, num_blocks: int,
+                num_bins: int, tail_bound: float) -> flows.Flow:
     """Coupling rational-quadratic splines with alternating masks, each after an LU layer.
 
     No random permutations: with them, the couplings can all land on the same parameter
@@ -40,7 +46,11 @@ class PosteriorModel(nn.Module):
     the model can be rebuilt without the config.
     """
 
-    def __init__(self, architecture):
+    architecture: dict[str, Any]
+    embedding: EmbeddingNet
+    flow: flows.Flow
+
+    def __init__(self, architecture: Mapping[str, Any]) -> None:
         super().__init__()
         self.architecture = dict(architecture)
         a = self.architecture
@@ -54,15 +64,25 @@ class PosteriorModel(nn.Module):
             flow["num_blocks"], flow["num_bins"], flow["tail_bound"],
         )
 
-    def log_prob(self, theta, strain, asd_features):
+    def log_prob(self, theta: torch.Tensor, strain: torch.Tensor, asd_features: torch.Tensor) -> torch.Tensor:
         """log q(theta | data) for theta (B, P) in network space; returns (B,)."""
         return self.flow.log_prob(theta, context=self.embedding(strain, asd_features))
 
-    def loss(self, theta, strain, asd_features):
+    def loss(self, theta: torch.Tensor, strain: torch.Tensor, asd_features: torch.Tensor) -> torch.Tensor:
         return -self.log_prob(theta, strain, asd_features).mean()
 
     @torch.no_grad()
-    def sample(self, strain, asd_features, num_samples):
+    def sample(self, strain: torch.Tensor, asd_features: torch.Tensor,
+               num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, num_samples, P) draws in network space, with their log q (B, num_samples)."""
         context = self.embedding(strain, asd_features)
         return self.flow.sample_and_log_prob(num_samples, context=context)
+
+
+def load_flow_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[PosteriorModel, dict[str, Any]]:
+    """(PosteriorModel, the file's dict: settings, stage, history, provenance) from a stage model
+    or a checkpoint (.pt)."""
+    state = read_torch_file(path, "architecture")
+    model = PosteriorModel(state["architecture"])
+    model.load_state_dict(state["model"])
+    return model.to(device), state

@@ -9,6 +9,8 @@ and periodic, so the trapezoidal rule converges exponentially with the grid size
 """
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -17,17 +19,18 @@ from .ringdown import ringdown_polarisations
 PHASE_POINTS = 1024
 
 
-def _inner(x, y):
+def _inner(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Re sum conj(x) y over detectors and frequencies: (S,)."""
     return (x.conj() * y).real.sum(dim=(-2, -1))
 
 
-def log_likelihood_on_phases(whitened_data, parameters, simulator, asd, phases):
+def log_likelihood_on_phases(whitened_data: torch.Tensor, parameters: Mapping[str, torch.Tensor], simulator: Any,
+                             asd: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
     """Normalised log L of whitened data at each phase: float64 (S, K).
 
     whitened_data: complex (D, F) data divided by `asd` (D, F); parameters: {name: float64
     (S,)} with f0, tau, snr, time; phases: float64 (S, K) or (1, K) in rad; simulator:
-    data.StrainSimulator (frequencies, detectors, fiducial ASD)."""
+    data.StrainSimulator (frequencies, detectors, fiducial ASD; Any here: simulate must not import data)."""
     device = whitened_data.device
     frequencies = simulator.frequencies.to(device)
     h_plus, h_cross = ringdown_polarisations(parameters["f0"].to(device), parameters["tau"].to(device), frequencies)
@@ -39,7 +42,7 @@ def log_likelihood_on_phases(whitened_data, parameters, simulator, asd, phases):
     aw, bw, af, bf = a / asd, b / asd, a / fiducial, b / fiducial
     cos, sin = torch.cos(phases.to(device)), torch.sin(phases.to(device))
 
-    def quadratic(x, y):
+    def quadratic(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return cos**2 * _inner(x, x)[:, None] + sin**2 * _inner(y, y)[:, None] + 2 * cos * sin * _inner(x, y)[:, None]
 
     scale = parameters["snr"].to(device, torch.float64)[:, None] / torch.sqrt(quadratic(af, bf))
@@ -49,14 +52,17 @@ def log_likelihood_on_phases(whitened_data, parameters, simulator, asd, phases):
     return overlap - 0.5 * (data_norm + signal_norm) - d.numel() * math.log(2 * math.pi)
 
 
-def log_likelihood(whitened_data, parameters, simulator, asd):
+def log_likelihood(whitened_data: torch.Tensor, parameters: Mapping[str, torch.Tensor], simulator: Any,
+                   asd: torch.Tensor) -> torch.Tensor:
     """Normalised log L = -1/2 sum |d - h(theta)|^2 - n log(2 pi) for the n complex bins
     of whitened data; parameters also hold `phase`. Returns float64 (S,)."""
     phases = parameters["phase"].to(torch.float64)[:, None]
     return log_likelihood_on_phases(whitened_data, parameters, simulator, asd, phases)[:, 0]
 
 
-def phase_marginalised_log_likelihood(whitened_data, parameters, simulator, asd, num_phases=PHASE_POINTS):
+def phase_marginalised_log_likelihood(whitened_data: torch.Tensor, parameters: Mapping[str, torch.Tensor],
+                                      simulator: Any, asd: torch.Tensor,
+                                      num_phases: int = PHASE_POINTS) -> torch.Tensor:
     """log of the mean of L over a phase uniform on [0, 2 pi), by the trapezoidal rule: (S,)."""
     phases = torch.arange(num_phases, dtype=torch.float64)[None] * (2 * math.pi / num_phases)
     values = log_likelihood_on_phases(whitened_data, parameters, simulator, asd, phases)

@@ -5,13 +5,14 @@ import math
 import torch
 
 
-def fiducial_asd(frequencies, level):
+def fiducial_asd(frequencies: torch.Tensor, level: float) -> torch.Tensor:
     """A seismic wall below ~40 Hz, a flat bucket and a rising shot-noise tail; float64 (F,)."""
     f = frequencies
     return level * torch.sqrt((40.0 / f) ** 8 + 1.0 + (f / 200.0) ** 2)
 
 
-def varied_asds(fiducial, num_asds, level_scatter, shape_scatter, generator):
+def varied_asds(fiducial: torch.Tensor, num_asds: int, level_scatter: float, shape_scatter: float,
+                generator: torch.Generator) -> torch.Tensor:
     """num_asds ASDs (num_asds, F): fiducial x a random level x smooth random bumps.
 
     log ASD changes by N(0, level_scatter) overall and by three Gaussian bumps (width
@@ -26,7 +27,7 @@ def varied_asds(fiducial, num_asds, level_scatter, shape_scatter, generator):
     return fiducial[None, :] * torch.exp(level + bumps)
 
 
-def frequency_grid(f_min, f_max, delta_f):
+def frequency_grid(f_min: float, f_max: float, delta_f: float) -> torch.Tensor:
     """Frequencies f_min, f_min + delta_f, ... <= f_max in Hz, float64."""
     num_bins = int(math.floor((f_max - f_min) / delta_f + 1e-9)) + 1
     return f_min + delta_f * torch.arange(num_bins, dtype=torch.float64)

@@ -11,7 +11,8 @@ import math
 import torch
 
 
-def ringdown_polarisations(f0, tau, frequencies):
+def ringdown_polarisations(f0: torch.Tensor, tau: torch.Tensor,
+                           frequencies: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """h_plus, h_cross: complex128 (N, F) for f0 (Hz), tau (s) float64 (N,) on frequencies (F,)."""
     rate = (1.0 / tau)[:, None]
     f = frequencies[None, :]

@@ -3,10 +3,10 @@
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
-import torch
-
-from ..files import atomic_path
+from ..config import Settings, stage_index
+from ..files import read_torch_file, write_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -15,29 +15,22 @@ BEST = "model_best.pt"  # the validated weights of the epoch with the lowest val
 PERIODIC = re.compile(r"model_(\d+)\.pt")
 
 
-def save(path, state):
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+def save(path: str | Path, state: dict[str, Any]) -> None:
+    write_torch_file(path, state)
 
 
-def load(path):
-    """A checkpoint dict, or raise ValueError naming the file when it cannot be read."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises many kinds for a damaged file
-        raise ValueError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from None
-    if not isinstance(state, dict) or "fingerprint" not in state:
-        raise ValueError(f"{path}: not a stagewise checkpoint (no 'fingerprint')")
-    return state
+def load(path: str | Path) -> dict[str, Any]:
+    """A checkpoint (or stage model) dict, or raise ValueError naming the file when it cannot be read."""
+    return read_torch_file(path, "fingerprint")
 
 
-def _candidates(directory):
+def _candidates(directory: Path) -> list[Path]:
     """model_latest.pt, then periodic checkpoints newest first."""
     periodic = [(int(m.group(1)), p) for p in directory.glob("model_*.pt") if (m := PERIODIC.fullmatch(p.name))]
     return [directory / LATEST] + [p for _, p in sorted(periodic, reverse=True)]
 
 
-def latest_valid(directory):
+def latest_valid(directory: str | Path) -> dict[str, Any] | None:
     """The newest readable checkpoint in `directory`, or None; damaged ones are skipped with a warning."""
     for path in _candidates(Path(directory)):
         if not path.exists():
@@ -49,7 +42,7 @@ def latest_valid(directory):
     return None
 
 
-def resume_state(directory, fingerprint):
+def resume_state(directory: str | Path, fingerprint: str) -> dict[str, Any] | None:
     """The checkpoint to resume from, or None to start afresh.
 
     A folder made by other settings (another fingerprint) is moved aside to
@@ -85,7 +78,7 @@ class StageHasBegun(ValueError):
     """A stage that a checkpoint has already trained (or is training) cannot be replaced."""
 
 
-def append_stage(path, stage_settings, out, replace=None):
+def append_stage(path: str | Path, stage_settings: Settings, out: str | Path, replace: int | None = None) -> str:
     """Write a copy of checkpoint `path` to `out` whose planned stages gain `stage_settings`.
 
     Appends it as the next stage_<n>, or with `replace=N` replaces the planned
@@ -93,9 +86,9 @@ def append_stage(path, stage_settings, out, replace=None):
     name of the stage written."""
     state = load(path)
     planned = dict(state.get("planned_stages") or {state["stage"]: state["settings"]["training"][state["stage"]]})
-    current = int(state["stage"].split("_")[1])
+    current = stage_index(state["stage"])
     if replace is None:
-        name = f"stage_{max(int(s.split('_')[1]) for s in planned) + 1}"
+        name = f"stage_{max(stage_index(s) for s in planned) + 1}"
     else:
         name = f"stage_{replace}"
         if replace <= current:

@@ -4,8 +4,10 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -18,7 +20,7 @@ class CheckpointFolderLocked(RuntimeError):
     """Another live trainer holds the lock."""
 
 
-def _alive(pid):
+def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -28,21 +30,21 @@ def _alive(pid):
     return True
 
 
-def _holder(path):
+def _holder(path: Path) -> dict[str, Any]:
     try:
         return yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError):
         return {}
 
 
-def _is_stale(path, holder):
+def _is_stale(path: Path, holder: Mapping[str, Any]) -> bool:
     if holder.get("host") == socket.gethostname():
         return not _alive(int(holder.get("pid", -1)))
     return time.time() - path.stat().st_mtime > STALE_AFTER
 
 
 @contextmanager
-def checkpoint_lock(folder):
+def checkpoint_lock(folder: str | Path) -> Iterator[Callable[[], None]]:
     """Hold `<folder>.lock` (host, pid, start time) while the block runs.
 
     A lock of a dead process on this host, or one from another host without a

@@ -3,23 +3,26 @@
 TensorBoard files go to `results/<run>/tensorboard/<stage>/`, W&B's to `results/<run>/wandb/`. A resumed job drops what
 an earlier job logged after its last checkpoint (TensorBoard's purge step), so each
 epoch appears once. The W&B run id of each stage is kept in `local_settings.yaml`, so
-that a resumed job continues the same W&B run.
+that a resumed job continues the same W&B run. A full device raises files.NoSpaceLeft naming the
+TensorBoard folder.
 """
 
 import importlib.util
 import logging
 import secrets
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
-from ..files import write_yaml
+from ..files import NoSpaceLeft, full_device_errors, write_yaml
 
 log = logging.getLogger(__name__)
 
 # history column -> TensorBoard tag
 TAGS = {
-    "train_loss": "loss/train", "test_loss": "loss/validation", "learning_rate": "learning_rate",
+    "train_loss": "loss/train", "validation_loss": "loss/validation", "learning_rate": "learning_rate",
     "grad_norm": "grad_norm", "time_data": "time/data", "time_compute": "time/compute", "time_test": "time/validation",
 }
 
@@ -43,7 +46,8 @@ class Monitor:
     def begin(self, epochs_done):
         from tensorboardX import SummaryWriter  # torch's writer would import TensorFlow where it is installed
 
-        self.writer = SummaryWriter(self.log_dir, purge_step=epochs_done + 1)
+        with self._tensorboard():
+            self.writer = SummaryWriter(self.log_dir, purge_step=epochs_done + 1)
         if self.wandb_settings is not None:
             self.wandb_run = self._start_wandb()
 
@@ -67,15 +71,56 @@ class Monitor:
         return run
 
     def log(self, row):
-        for key, tag in TAGS.items():
-            self.writer.add_scalar(tag, row[key], row["epoch"])
-        self.writer.flush()
+        with self._tensorboard():
+            for key, tag in TAGS.items():
+                self.writer.add_scalar(tag, row[key], row["epoch"])
+            self.writer.flush()
         if self.wandb_run is not None:
             self.wandb_run.log({tag: row[key] for key, tag in TAGS.items()} | {"epoch": row["epoch"]},
                                step=row["epoch"])
 
     def close(self):
-        if self.writer is not None:
-            self.writer.close()
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
+        """Close the writers. A full device raises NoSpaceLeft, or when an error is already on its way
+        (close() in a `finally`), is only logged, so that the traceback still ends with that error."""
+        failing = sys.exc_info()[1] is not None
+        try:
+            if self.writer is not None:
+                with self._tensorboard():
+                    self.writer.close()
+        except NoSpaceLeft as err:
+            if not failing:
+                raise
+            log.error("%s", err)
+        finally:
+            if self.wandb_run is not None:
+                self.wandb_run.finish()
+
+    @contextmanager
+    def _tensorboard(self):
+        """NoSpaceLeft naming the TensorBoard folder for a full device; the SummaryWriter is then dropped."""
+        try:
+            with full_device_errors(self.log_dir):
+                yield
+        except NoSpaceLeft:
+            self._drop_writer()
+            raise
+
+    def _drop_writer(self):
+        """Stop tensorboardX's worker thread and close its event files without the flush that would fail
+        again, also in tensorboardX's exit handler (whose traceback would follow the one-line message).
+        Uses tensorboardX (2.6) internals; where they differ, only that exit traceback comes back."""
+        writer, self.writer = self.writer, None
+        if writer is None:
+            return
+        try:
+            for file_writer in (writer.all_writers or {}).values():
+                events = file_writer.event_writer
+                events._closed = True  # its close(), called at exit, now does nothing
+                if events._worker is not None and events._worker.is_alive():
+                    events._worker.stop()
+                try:
+                    events._ev_writer._py_recordio_writer.close()  # closes the file, though its flush fails
+                except OSError:
+                    pass
+        except AttributeError as err:
+            log.debug("could not drop the TensorBoard writer: %s", err)

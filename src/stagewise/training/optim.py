@@ -3,16 +3,18 @@ EMA of the weights and early stopping, each built from the stage's settings and 
 with a state that a checkpoint saves and restores."""
 
 import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from ..config import SCHEDULER_DEFAULTS
+from ..config import Settings, scheduler_with_defaults
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
-def make_optimizer(model, settings):
+def torch_optimizer(model: torch.nn.Module, settings: Settings) -> torch.optim.Optimizer:
     """The stage's optimizer over the trainable parameters. Adam and AdamW use torch's fused
     kernels: one pass over all parameters instead of several per tensor (15 % of a default
     training step was the unfused update)."""
@@ -23,7 +25,7 @@ def make_optimizer(model, settings):
     return OPTIMIZERS[kind](trainable, lr=learning_rate, **options, **fused)
 
 
-def batch_mean(loss, batches):
+def batch_mean(loss: Callable[[Any], float], batches: Iterable[Sequence[Any]]) -> float:
     """The mean of loss(batch) over `batches`, each weighted by its size (the last may be short)."""
     total, count = 0.0, 0
     for batch in batches:
@@ -41,16 +43,23 @@ class LearningRate:
     (relative) for more than `patience` epochs. `step` is called after each epoch.
     """
 
-    def __init__(self, optimizer, settings, epochs):
+    optimizer: torch.optim.Optimizer
+    settings: Settings  # the stage's scheduler settings, their defaults filled in
+    base: list[float]  # the base rate of each parameter group
+    warmup: int  # warm-up epochs
+    main_epochs: int  # epochs after the warm-up
+    state: dict[str, Any]  # epoch, plateau_factor, best, bad_epochs: what a checkpoint keeps
+
+    def __init__(self, optimizer: torch.optim.Optimizer, settings: Settings, epochs: int) -> None:
         self.optimizer = optimizer
-        self.settings = {**SCHEDULER_DEFAULTS, **settings}
+        self.settings = scheduler_with_defaults(settings)
         self.base = self._base_rates()
-        self.warmup = settings.get("warmup_epochs", 0)
+        self.warmup = self.settings["warmup_epochs"]
         self.main_epochs = epochs - self.warmup
         self.state = {"epoch": 0, "plateau_factor": 1.0, "best": None, "bad_epochs": 0}
         self._apply()
 
-    def factor(self, epoch):
+    def factor(self, epoch: int) -> float:
         """The factor on the base rate while training epoch `epoch + 1` (epoch = epochs done)."""
         s = self.settings
         if epoch < self.warmup:
@@ -67,7 +76,7 @@ class LearningRate:
             return self.state["plateau_factor"]
         return 1.0
 
-    def step(self, validation_loss):
+    def step(self, validation_loss: float) -> None:
         state = self.state
         state["epoch"] += 1
         if self.settings["type"] == "reduce_on_plateau" and state["epoch"] > self.warmup:
@@ -81,23 +90,23 @@ class LearningRate:
                     state["bad_epochs"] = 0
         self._apply()
 
-    def _base_rates(self):
+    def _base_rates(self) -> list[float]:
         return [group["lr"] for group in self.optimizer.param_groups]
 
-    def _apply(self):
+    def _apply(self) -> None:
         factor = self.factor(self.state["epoch"])
-        for group, base in zip(self.optimizer.param_groups, self.base):
+        for group, base in zip(self.optimizer.param_groups, self.base, strict=True):
             group["lr"] = base * factor
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         return dict(self.state)
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.state = dict(state)
         self._apply()
 
 
-def clip_gradients(parameters, settings):
+def clip_gradients(parameters: Iterable[torch.nn.Parameter], settings: Settings | None) -> float:
     """Clip by norm or by value as `settings` ({type: norm | value, max}, or None) says; return the
     gradients' total norm before clipping."""
     parameters = [p for p in parameters if p.grad is not None]
@@ -109,7 +118,7 @@ def clip_gradients(parameters, settings):
     return norm
 
 
-def make_ema(model, decay):
+def make_ema(model: torch.nn.Module, decay: float | None) -> AveragedModel | None:
     """An exponential moving average of the weights (and buffers), or None when decay is None."""
     if decay is None:
         return None
@@ -119,11 +128,14 @@ def make_ema(model, decay):
 class EarlyStopping:
     """Stop a stage when `metric` has not improved by more than `min_delta` for `patience` epochs."""
 
-    def __init__(self, settings):
+    settings: Settings  # the stage's early_stopping: metric, mode, min_delta, patience
+    state: dict[str, Any]  # best, bad_epochs: what a checkpoint keeps
+
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.state = {"best": None, "bad_epochs": 0}
 
-    def update(self, row):
+    def update(self, row: Mapping[str, Any]) -> bool:
         """Take one epoch's history row; True when the stage should stop."""
         value, best = row[self.settings["metric"]], self.state["best"]
         sign = 1 if self.settings["mode"] == "min" else -1
@@ -133,34 +145,41 @@ class EarlyStopping:
             self.state["bad_epochs"] += 1
         return self.state["bad_epochs"] >= self.settings["patience"]
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         return dict(self.state)
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.state = dict(state)
 
 
-class Recipe:
+class TorchRecipe:
     """A torch model and everything that updates its weights in one stage: what the runner trains,
-    validates and checkpoints (see runner.run_stage for the interface)."""
+    validates and checkpoints (runner.Recipe)."""
 
-    def __init__(self, model, settings):
+    model: Any  # a torch.nn.Module with loss(*batch) -> scalar tensor, e.g. models.posterior.PosteriorModel
+    optimizer: torch.optim.Optimizer
+    learning_rate: LearningRate
+    clip: Settings | None  # the stage's gradient_clip
+    ema: AveragedModel | None
+    early_stopping: EarlyStopping | None
+
+    def __init__(self, model: torch.nn.Module, settings: Settings) -> None:
         self.model = model
-        self.optimizer = make_optimizer(model, settings)
+        self.optimizer = torch_optimizer(model, settings)
         self.learning_rate = LearningRate(self.optimizer, settings["scheduler"], settings["epochs"])
         self.clip = settings["gradient_clip"]
         self.ema = make_ema(model, settings["ema_decay"])
         self.early_stopping = None if settings["early_stopping"] is None else EarlyStopping(settings["early_stopping"])
 
     @property
-    def evaluated(self):
+    def evaluated(self) -> torch.nn.Module:
         """The weights that are validated and become the stage model: the EMA when there is one."""
         return self.model if self.ema is None else self.ema.module
 
-    def current_learning_rate(self):
+    def current_learning_rate(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def train_step(self, batch):
+    def train_step(self, batch: Sequence[torch.Tensor]) -> tuple[float, float]:
         """One optimizer step; (loss, gradient norm before clipping). FloatingPointError on a non-finite loss."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -176,26 +195,26 @@ class Recipe:
         return value, grad_norm
 
     @torch.no_grad()
-    def validation_loss(self, batches):
-        model = self.evaluated
+    def validation_loss(self, batches: Iterable[Sequence[torch.Tensor]]) -> float:
+        model: Any = self.evaluated  # a module with loss(), as self.model
         model.eval()
         return batch_mean(lambda batch: model.loss(*batch).item(), batches)
 
-    def end_epoch(self, validation_loss):
+    def end_epoch(self, validation_loss: float) -> None:
         self.learning_rate.step(validation_loss)
 
-    def weights(self):
+    def weights(self) -> dict[str, torch.Tensor]:
         """The validated weights, as the stage model file stores them."""
         return self.evaluated.state_dict()
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "recipe": {
             "optimizer": self.optimizer.state_dict(), "learning_rate": self.learning_rate.state_dict(),
             "ema": None if self.ema is None else self.ema.state_dict(),
             "early_stopping": None if self.early_stopping is None else self.early_stopping.state_dict(),
         }}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         recipe = state["recipe"]
         self.optimizer.load_state_dict(recipe["optimizer"])

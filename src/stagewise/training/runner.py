@@ -1,7 +1,7 @@
 """Run the epochs of one training stage with checkpoints, resume, signals and runtime limits.
 
 The runner knows nothing of the physics: it gets a recipe (the model and what updates
-it: optimizer, learning rate, clipping, EMA, early stopping; see optim.Recipe) and two
+it: optimizer, learning rate, clipping, EMA, early stopping; see Recipe) and two
 functions that return batches. `train_batches(epoch)` returns an EpochBatches whose
 data order and random draws depend only on the epoch number, so resuming from a
 checkpoint, at an epoch boundary or in the middle of an epoch, reproduces the
@@ -17,20 +17,57 @@ import math
 import random
 import signal
 import time
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..data import EpochBatches
 from . import checkpoints
 from .lock import checkpoint_lock
+from .optim import EarlyStopping
 
 log = logging.getLogger(__name__)
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: checkpoint written, run the job again to continue
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class Recipe(Protocol):
+    """A model and everything that updates its weights in one stage (optim.TorchRecipe,
+    keras_recipe.KerasRecipe): what the runner trains, validates and checkpoints."""
+
+    model: Any
+    early_stopping: EarlyStopping | None
+
+    def train_step(self, batch: Any) -> tuple[float, float]:
+        """One optimizer step: (loss, gradient norm before clipping); FloatingPointError on a non-finite loss."""
+
+    def validation_loss(self, batches: Iterable[Any]) -> float: ...
+
+    def end_epoch(self, validation_loss: float) -> None:
+        """Step the learning-rate schedule."""
+
+    def current_learning_rate(self) -> float: ...
+
+    def weights(self) -> Any:
+        """The validated weights, as the stage model file stores them."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def _renamed(row):
+    """A history row (or best-epoch record) with the validation loss under its current name: files
+    written before it was renamed call it test_loss."""
+    if row is None or "test_loss" not in row:
+        return row
+    return {("validation_loss" if key == "test_loss" else key): value for key, value in row.items()}
 
 
 class StageStopped(Exception):
@@ -78,14 +115,15 @@ class _Run:
         self.checkpoint_dir, self.fingerprint, self.metadata = checkpoint_dir, fingerprint, metadata
         self.heartbeat = heartbeat
         self.history, self.epoch, self.partial = [], 0, None
-        self.best = None  # {"epoch", "test_loss"} of the best validation so far
+        self.best = None  # {"epoch", "validation_loss"} of the best validation so far
         self.stopped_early = False
 
     def restore(self, state):
         self.recipe.load_state_dict(state)
         set_random_states(state["random_states"])
-        self.history, self.epoch, self.partial = state["history"], state["epoch"], state["partial_epoch"]
-        self.best, self.stopped_early = state["best"], state["stopped_early"]
+        self.history, self.epoch, self.partial = [_renamed(r) for r in state["history"]], state["epoch"], \
+            state["partial_epoch"]
+        self.best, self.stopped_early = _renamed(state["best"]), state["stopped_early"]
 
     def save(self, periodic=False):
         state = dict(
@@ -98,13 +136,13 @@ class _Run:
             checkpoints.save(self.checkpoint_dir / f"model_{self.epoch}.pt", state)
         self.heartbeat()
 
-    def save_best(self, test_loss):
-        """Write model_best.pt (the validated weights) when `test_loss` is the lowest so far."""
-        if self.best is not None and not test_loss < self.best["test_loss"]:
+    def save_best(self, validation_loss):
+        """Write model_best.pt (the validated weights) when `validation_loss` is the lowest so far."""
+        if self.best is not None and not validation_loss < self.best["validation_loss"]:
             return
-        self.best = {"epoch": self.epoch, "test_loss": test_loss}
+        self.best = {"epoch": self.epoch, "validation_loss": validation_loss}
         checkpoints.save(self.checkpoint_dir / checkpoints.BEST, dict(
-            self.metadata, fingerprint=self.fingerprint, epoch=self.epoch, test_loss=test_loss,
+            self.metadata, fingerprint=self.fingerprint, epoch=self.epoch, validation_loss=validation_loss,
             history=self.history, model=self.recipe.weights()))
 
     def stage_model(self, which):
@@ -120,17 +158,15 @@ class _Run:
         return state["model"], state["epoch"]
 
 
-def run_stage(recipe, train_batches, validation_batches, epochs, checkpoint_dir, fingerprint, metadata,
-              checkpoint_epochs=10, max_epochs_per_run=None, max_time_per_run=None, stage_model="last",
-              monitor=None):
+def run_stage(recipe: Recipe, train_batches: Callable[[int], EpochBatches],
+              validation_batches: Callable[[], EpochBatches], epochs: int, checkpoint_dir: str | Path,
+              fingerprint: str, metadata: dict[str, Any], checkpoint_epochs: int = 10,
+              max_epochs_per_run: int | None = None, max_time_per_run: float | None = None,
+              stage_model: str = "last", monitor: Any = None) -> tuple[list[dict[str, Any]], Any, int]:
     """Train until `epochs` (or early stopping) and return (history, stage model weights, their epoch).
 
-    recipe: the model and what updates it (optim.Recipe for torch): train_step(batch) -> (loss,
-    gradient norm), validation_loss(batches), end_epoch(validation loss), current_learning_rate(),
-    weights(), state_dict(), load_state_dict() and an `early_stopping` (None or
-    optim.EarlyStopping). history: a list of dicts, one per epoch. stage_model: "last"
-    or "best" (lowest validation loss). monitor: None or an object with begin(epoch),
-    log(row) and close(), e.g. TensorBoard.
+    history: a list of dicts, one per epoch. stage_model: "last" or "best" (lowest validation loss).
+    monitor: None or an object with begin(epoch), log(row) and close(), e.g. monitor.Monitor.
     Resumes from `checkpoint_dir` when it holds a checkpoint with this fingerprint.
     Raises StageStopped after checkpointing on a stop signal or a runtime limit:
     max_time_per_run (s) is checked at every step, max_epochs_per_run after every epoch."""
@@ -166,7 +202,7 @@ def run_stage(recipe, train_batches, validation_batches, epochs, checkpoint_dir,
             if monitor is not None:
                 monitor.close()
         weights, weights_epoch = run.stage_model(stage_model)
-    if not run.history or not math.isfinite(run.history[-1]["test_loss"]):
+    if not run.history or not math.isfinite(run.history[-1]["validation_loss"]):
         raise FloatingPointError("training ended without a finite validation loss")
     return run.history, weights, weights_epoch
 
@@ -174,28 +210,28 @@ def run_stage(recipe, train_batches, validation_batches, epochs, checkpoint_dir,
 def _end_epoch(run, validation_batches, epochs, checkpoint_epochs, monitor):
     """Validate, record the epoch, step the schedule and early stopping, write the checkpoints."""
     t0 = time.monotonic()
-    test_loss = run.recipe.validation_loss(validation_batches)
+    validation_loss = run.recipe.validation_loss(validation_batches)
     run.epoch += 1
     partial = run.partial
     row = dict(
-        epoch=run.epoch, train_loss=partial["loss_sum"] / partial["count"], test_loss=test_loss,
+        epoch=run.epoch, train_loss=partial["loss_sum"] / partial["count"], validation_loss=validation_loss,
         learning_rate=run.recipe.current_learning_rate(), grad_norm=partial["grad_norm_sum"] / partial["steps"],
         time_data=partial["time_data"], time_compute=partial["time_compute"], time_test=time.monotonic() - t0,
     )
     run.history.append(row)
-    run.recipe.end_epoch(test_loss)
+    run.recipe.end_epoch(validation_loss)
     if run.recipe.early_stopping is not None and run.recipe.early_stopping.update(row):
         run.stopped_early = True
         log.info("early stopping after epoch %d: %s did not improve for %d epochs", run.epoch,
                  run.recipe.early_stopping.settings["metric"], run.recipe.early_stopping.settings["patience"])
     run.partial = None
-    if math.isfinite(test_loss):
-        run.save_best(test_loss)
+    if math.isfinite(validation_loss):
+        run.save_best(validation_loss)
     run.save(periodic=run.epoch % checkpoint_epochs == 0)
     if monitor is not None:
         monitor.log(row)
-    log.info("epoch %d/%d: train loss %.4f, test loss %.4f, lr %.2e, data %.1f s, compute %.1f s", run.epoch, epochs,
-             row["train_loss"], test_loss, row["learning_rate"], row["time_data"], row["time_compute"])
+    log.info("epoch %d/%d: train loss %.4f, validation loss %.4f, lr %.2e, data %.1f s, compute %.1f s", run.epoch,
+             epochs, row["train_loss"], validation_loss, row["learning_rate"], row["time_data"], row["time_compute"])
 
 
 def _train_epoch(run, batches, epochs, stop_reason):

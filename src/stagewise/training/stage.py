@@ -1,97 +1,116 @@
-"""One training stage of the posterior model: data source, model, optimizer, run."""
+"""One training stage: the data source, the model of the configured backend (torch flow or Keras
+regression) and its recipe, the run, the stage model file and history."""
 
 import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
 from .. import seeds
-from ..config import fingerprint, stage_settings
+from ..config import Problem, Settings, fingerprint, is_regression
+from ..data import EpochBatches, EventBank
 from ..files import write_text
-from ..models.posterior import PosteriorModel
-from ..problem import is_regression
+from ..models.posterior import PosteriorModel, load_flow_model
 from ..provenance import provenance
-from ..sources import make_source
+from ..sources import Source, make_source
 from ..svd import load_svd
 from ..trafo import Trafo
 from . import checkpoints
-from .batches import EpochBatches
-from .optim import Recipe
-from .runner import run_stage
+from .optim import TorchRecipe
+from .runner import Recipe, run_stage
 
 log = logging.getLogger(__name__)
 
 PROJECTION_SCALE_SAMPLES = 4096
 
 
-def architecture(config, source, first_layer_size):
+@dataclass(frozen=True)
+class StageSettings:
+    """The settings of one stage, built once from its rule's settings (config.stage_settings)."""
+
+    name: str  # "stage_1"
+    seed: int
+    problem: Problem
+    model: Settings  # config `model`
+    training: Settings  # config `training.<name>`
+    shuffle: Settings  # config `data.shuffle`
+    fingerprinted: Settings  # all of config.stage_settings: what the fingerprint and the model file carry
+
+    @classmethod
+    def from_settings(cls, settings: Settings, name: str) -> "StageSettings":
+        return cls(name, settings["seed"], Problem.from_settings(settings), settings["model"],
+                   settings["training"][name], settings["data"]["shuffle"], settings)
+
+
+@dataclass(frozen=True)
+class StageInputs:
+    """The files a stage reads."""
+
+    training_files: list[str]
+    validation_files: list[str]
+    trafo: str
+    svd: dict[str, str]  # basis name (detector, or "inputs") -> svd_<name>.h5; empty with svd: null
+    fiducial_asd: str | None  # None for observations
+    asd_set: str | None
+    previous_model: str | None  # the previous stage's model file; None for stage_0
+
+    def fingerprinted_files(self, warm_start: str | None) -> list[str]:
+        """The upstream artefacts whose bytes enter the fingerprint."""
+        start_from = self.previous_model or warm_start
+        return [self.trafo, *self.svd.values()] + ([start_from] if start_from else [])
+
+
+@dataclass(frozen=True)
+class StageOutputs:
+    model: str  # model_stage_<k>.pt, or .keras for gaussian_regression
+    history: str  # history.csv
+
+
+def architecture(stage: StageSettings, source: Source, first_layer_size: int) -> dict[str, Any]:
     return dict(
         num_detectors=source.num_channels, num_inputs=source.num_inputs,
         svd_size=first_layer_size, num_asd_features=source.num_asd_features,
-        num_parameters=len(config["inference_parameters"]),
-        embedding=config["model"]["embedding"], flow=config["model"]["flow"],
+        num_parameters=len(stage.problem.inference_parameters),
+        embedding=stage.model["embedding"], flow=stage.model["flow"],
     )
 
 
-def first_layer(config, source, svd_files):
+def first_layer(stage: StageSettings, source: Source, svd_files: dict[str, str]) -> tuple[list[np.ndarray], dict]:
     """(the SVD bases, one per detector or none, and the model architecture): without SVD the
     first layer is an ordinary layer as wide as the first hidden layer."""
-    bases = [load_svd(path)[0] for path in svd_files]
-    size = bases[0].shape[1] if bases else config["model"]["embedding"]["hidden_dims"][0]
-    return bases, architecture(config, source, size)
+    bases = [load_svd(path)[0] for path in svd_files.values()]
+    size = bases[0].shape[1] if bases else stage.model["embedding"]["hidden_dims"][0]
+    return bases, architecture(stage, source, size)
 
 
-def projection_inputs(config, source, trafo, bank):
+def projection_inputs(seed: int, source: Source, trafo: Trafo, bank: EventBank) -> torch.Tensor:
     """Network inputs of up to PROJECTION_SCALE_SAMPLES training events (fiducial ASD), from which
     the first layer's output scale is set."""
     make = source.batch_maker(bank, trafo, "fiducial")
     count = min(PROJECTION_SCALE_SAMPLES, len(bank))
     return make(torch.arange(count, device=source.device),
-                seeds.generator(config["seed"], "projection_scale", device=source.device))[1]
+                seeds.generator(seed, "projection_scale", device=source.device))[1]
 
 
-def new_model(config, source, trafo, svd_files, bank):
+def new_flow_model(stage: StageSettings, source: Source, trafo: Trafo, svd_files: dict[str, str],
+                   bank: EventBank) -> PosteriorModel:
     """Stage 0's flow model: seeded weights, first layer seeded by the SVD bases, projection scale from data."""
-    bases, arch = first_layer(config, source, svd_files)
-    torch.manual_seed(seeds.derived_seed(config["seed"], "model"))
+    bases, arch = first_layer(stage, source, svd_files)
+    torch.manual_seed(seeds.derived_seed(stage.seed, "model"))
     model = PosteriorModel(arch).to(source.device)
     if bases:
         model.embedding.seed_svd(bases)
     with torch.no_grad():
-        scale = model.embedding.project(projection_inputs(config, source, trafo, bank)).std(0).clamp_min(1e-3)
+        scale = model.embedding.project(projection_inputs(stage.seed, source, trafo, bank)).std(0).clamp_min(1e-3)
         model.embedding.projection_scale.copy_(scale)
     return model
 
 
-def regression_recipe(config, settings, source, trafo, inputs, bank, threads):
-    """The Keras model of `model.type: gaussian_regression` (built as new_model builds the flow's,
-    or the previous stage's) and its recipe. Imports TensorFlow."""
-    from ..models import regression
-
-    regression.configure(threads, seeds.derived_seed(config["seed"], "model"))
-    if inputs["previous_model"] is None:
-        bases, arch = first_layer(config, source, inputs["svd"])
-        model = regression.new_regression_model(arch)
-        if bases:
-            model.seed_svd(bases)
-        coefficients = model.project(projection_inputs(config, source, trafo, bank).cpu().numpy()).numpy()
-        model.projection_scale.assign(np.maximum(coefficients.std(0, ddof=1), 1e-3))
-    else:
-        model = regression.load_model(inputs["previous_model"])
-    model.freeze_svd(settings["freeze_svd"])
-    return regression.KerasRecipe(model, settings, regression.label_weights(config))
-
-
-def load_model(path, device="cpu"):
-    """(PosteriorModel, the model file's dict) from a stage model or checkpoint."""
-    state = checkpoints.load(path)
-    model = PosteriorModel(state["architecture"])
-    model.load_state_dict(state["model"])
-    return model.to(device), state
-
-
-def warm_start(model, path):
+def warm_start(model: PosteriorModel, path: str) -> None:
     """Load the weights of another run's model file into `model`; a clear error when they do not fit."""
     state = checkpoints.load(path)
     ours = model.state_dict()
@@ -107,7 +126,55 @@ def warm_start(model, path):
     log.info("stage_0 starts from the weights of %s (epoch %s)", path, state.get("epoch"))
 
 
-def time_limit(local, job_runtime=None):
+class FlowBackend:
+    """The torch flow: new (or warm-started) in stage 0, else the previous stage's; saved as .pt."""
+
+    def recipe(self, stage: StageSettings, source: Source, trafo: Trafo, inputs: StageInputs, bank: EventBank,
+               threads: int) -> TorchRecipe:
+        if inputs.previous_model is None:
+            model = new_flow_model(stage, source, trafo, inputs.svd, bank)
+            if stage.training["warm_start"] is not None:
+                warm_start(model, stage.training["warm_start"])
+        else:
+            model, _ = load_flow_model(inputs.previous_model, source.device)
+        model.embedding.freeze_svd(stage.training["freeze_svd"])
+        return TorchRecipe(model, stage.training)
+
+    def save(self, recipe: Recipe, weights: Any, path: str, info: dict[str, Any]) -> None:
+        checkpoints.save(path, dict(info, model=weights))
+
+
+class RegressionBackend:
+    """The Keras Gaussian regression (model.type gaussian_regression), built as the flow is, saved as
+    .keras. Only this backend imports TensorFlow."""
+
+    def recipe(self, stage: StageSettings, source: Source, trafo: Trafo, inputs: StageInputs, bank: EventBank,
+               threads: int) -> Recipe:
+        from ..config import label_weights
+        from ..models import regression
+        from .keras_recipe import KerasRecipe
+
+        regression.configure(threads, seeds.derived_seed(stage.seed, "model"))
+        if inputs.previous_model is None:
+            bases, arch = first_layer(stage, source, inputs.svd)
+            model = regression.new_regression_model(arch)
+            if bases:
+                model.seed_svd(bases)
+            coefficients = model.project(projection_inputs(stage.seed, source, trafo, bank).cpu().numpy()).numpy()
+            model.projection_scale.assign(np.maximum(coefficients.std(0, ddof=1), 1e-3))
+        else:
+            model = regression.load_regression_model(inputs.previous_model)
+        model.freeze_svd(stage.training["freeze_svd"])
+        return KerasRecipe(model, stage.training, label_weights(stage.model, stage.problem.inference_parameters))
+
+    def save(self, recipe: Recipe, weights: Any, path: str, info: dict[str, Any]) -> None:
+        from ..models.regression import save_regression_model
+
+        recipe.model.set_weights(weights)
+        save_regression_model(recipe.model, path, info)
+
+
+def time_limit(local: Settings, job_runtime: int | None = None) -> float | None:
     """max_time_per_run (s) for this run: the configured one, or less inside a cluster job.
 
     job_runtime: the job's time limit in minutes when running as a cluster job, else None.
@@ -123,73 +190,49 @@ def time_limit(local, job_runtime=None):
     return limit
 
 
-def flow_model(config, settings, source, trafo, inputs, bank):
-    """Stage 0's new (or warm-started) flow model, or the previous stage's, its SVD layer frozen as asked."""
-    if inputs["previous_model"] is None:
-        model = new_model(config, source, trafo, inputs["svd"], bank)
-        if settings["warm_start"] is not None:
-            warm_start(model, settings["warm_start"])
-    else:
-        model, _ = load_model(inputs["previous_model"], source.device)
-    model.embedding.freeze_svd(settings["freeze_svd"])
-    return model
+def train_stage(settings: Settings, local: Settings, name: str, inputs: StageInputs, outputs: StageOutputs,
+                checkpoint_dir: str | Path, *, threads: int = 1, planned_stages: Settings | None = None,
+                job_runtime: int | None = None, monitor: Any = None) -> None:
+    """Train stage `name` (e.g. "stage_1") and write its model file and history.
 
-
-def train_stage(config, stage, inputs, outputs, checkpoint_dir, threads=1, planned_stages=None, job_runtime=None,
-                monitor=None):
-    """Train stage `stage` (e.g. "stage_1") and write its model file and history.
-
-    monitor: None or a monitor.Monitor that follows the epochs (TensorBoard, W&B).
-    planned_stages (the config's whole `training` section) is stored in the
-    checkpoints for `stagewise ls` and `append-stage`; it is not part of the fingerprint.
+    settings: config.stage_settings of the stage; local: the config's `local` section.
+    planned_stages (the config's whole `training` section) is stored in the checkpoints for
+    `stagewise ls` and `append-stage`; it is not part of the fingerprint.
     job_runtime: the cluster job's time limit in minutes (see time_limit), or None.
-
-    inputs: dict with training_files, validation_files, trafo, svd (list, one per
-    detector), fiducial_asd, asd_set, previous_model (None for the first stage).
-    outputs: dict with model, history."""
+    monitor: None or a monitor.Monitor that follows the epochs (TensorBoard, W&B)."""
     torch.set_num_threads(threads)
-    local = config["local"]
-    settings = config["training"][stage]
+    stage = StageSettings.from_settings(settings, name)
     device = torch.device(local["device"])
-    source = make_source(config, inputs["training_files"][0], inputs.get("fiducial_asd"), inputs.get("asd_set"),
-                         device)
-    trafo = Trafo.load(inputs["trafo"])
-    bank, validation = source.bank(inputs["training_files"]), source.bank(inputs["validation_files"])
-    if is_regression(config):
-        recipe = regression_recipe(config, settings, source, trafo, inputs, bank, threads)
-    else:
-        recipe = Recipe(flow_model(config, settings, source, trafo, inputs, bank), settings)
-    train_batch, valid_batch = (source.batch_maker(b, trafo, settings["asd"]) for b in (bank, validation))
+    source = make_source(stage.problem, inputs.training_files[0], inputs.fiducial_asd, inputs.asd_set, device,
+                         stage.model["num_asd_bands"])
+    trafo = Trafo.load(inputs.trafo)
+    bank, validation = (source.bank(files, stage.shuffle, local["memory_limit_mb"])
+                        for files in (inputs.training_files, inputs.validation_files))
+    backend = RegressionBackend() if is_regression(settings) else FlowBackend()
+    recipe = backend.recipe(stage, source, trafo, inputs, bank, threads)
+    batch_size, asd = stage.training["batch_size"], stage.training["asd"]
+    train_batch, valid_batch = (source.batch_maker(b, trafo, asd) for b in (bank, validation))
 
-    def train_batches(epoch):
-        generator = seeds.generator(config["seed"], stage, "epoch", epoch, device=device)
-        return bank.epoch(settings["batch_size"], generator, train_batch)
+    def train_batches(epoch: int) -> EpochBatches:
+        generator = seeds.generator(stage.seed, name, "epoch", epoch, device=device)
+        return bank.epoch(batch_size, generator, train_batch)
 
-    def validation_batches():
-        generator = seeds.generator(config["seed"], stage, "validation", device=device)
-        indices = torch.split(torch.arange(len(validation), device=device), settings["batch_size"])
+    def validation_batches() -> EpochBatches:
+        generator = seeds.generator(stage.seed, name, "validation", device=device)
+        indices = torch.split(torch.arange(len(validation), device=device), batch_size)
         return EpochBatches(indices, valid_batch, generator)
 
-    model_settings = stage_settings(config, stage)
-    start_from = inputs["previous_model"] or settings["warm_start"]
-    input_files = [inputs["trafo"], *inputs["svd"]] + ([start_from] if start_from else [])
-    stage_fingerprint = fingerprint(model_settings, input_files)
-    metadata = dict(stage=stage, settings=model_settings, architecture=recipe.model.architecture, provenance=provenance(),
-                    planned_stages=planned_stages or config["training"])
+    stage_fingerprint = fingerprint(settings, inputs.fingerprinted_files(stage.training["warm_start"]))
+    metadata = dict(stage=name, settings=settings, architecture=recipe.model.architecture, provenance=provenance(),
+                    planned_stages=planned_stages or settings["training"])
     limits = local["runtime_limits"]
     history, weights, weights_epoch = run_stage(
-        recipe, train_batches, validation_batches, settings["epochs"], checkpoint_dir,
+        recipe, train_batches, validation_batches, stage.training["epochs"], checkpoint_dir,
         stage_fingerprint, metadata, local["checkpoint_epochs"], limits["max_epochs_per_run"],
-        time_limit(local, job_runtime), settings["stage_model"], monitor,
+        time_limit(local, job_runtime), stage.training["stage_model"], monitor,
     )
-    write_text(outputs["history"], pd.DataFrame(history).to_csv(index=False))
-    final = dict(metadata, fingerprint=stage_fingerprint, epoch=history[-1]["epoch"], weights_epoch=weights_epoch,
-                 history=history)
-    if is_regression(config):
-        from ..models import regression
-
-        recipe.model.set_weights(weights)
-        regression.save_model(recipe.model, outputs["model"], final)
-    else:
-        checkpoints.save(outputs["model"], dict(final, model=weights))
-    log.info("stage %s done: %s", stage, outputs["model"])
+    write_text(outputs.history, pd.DataFrame(history).to_csv(index=False))
+    backend.save(recipe, weights, outputs.model, dict(metadata, fingerprint=stage_fingerprint,
+                                                      epoch=history[-1]["epoch"], weights_epoch=weights_epoch,
+                                                      history=history))
+    log.info("stage %s done: %s", name, outputs.model)
