@@ -1,6 +1,7 @@
 """pytest hooks and the session fixtures of real Snakemake runs; the helpers they use are in helpers.py."""
 
 import os
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -20,9 +21,13 @@ def pytest_collection_finish(session):
 
     Besides saving the test the wait, a running SLURM controller keeps every other `snakemake`
     call fast: the SLURM plugin runs `scontrol show config` when it is imported, which waits
-    about 9 s where SLURM is installed but no controller answers."""
-    parts = sorted({SYSTEM_PARTS[name] for item in session.items for name in getattr(item, "fixturenames", ())
-                    if name in SYSTEM_PARTS})
+    about 9 s where SLURM is installed but no controller answers. So SLURM is started whenever it
+    is installed (after a full run, for the quick loop too), not only for the SLURM test."""
+    parts = {SYSTEM_PARTS[name] for item in session.items for name in getattr(item, "fixturenames", ())
+             if name in SYSTEM_PARTS}
+    if shutil.which("scontrol"):
+        parts.add("slurm")
+    parts = sorted(parts)
     if not parts or os.geteuid() != 0 or session.config.option.collectonly:
         return
     _system["log"] = Path(tempfile.mkstemp(prefix="stagewise-system-up.", suffix=".log")[1])
@@ -60,4 +65,4 @@ def seconds_per_epoch(tmp_path_factory):
     snakemake(workdir, "train_stage_0", overrides=cluster_overrides(12))
     history = pd.read_csv(workdir / "results/tiny/stage_0/history.csv")
     assert len(history) == 12
-    return float(history[["time_data", "time_compute", "time_test"]].sum(axis=1).mean())
+    return float(history[["time_data", "time_compute", "time_validation"]].sum(axis=1).mean())

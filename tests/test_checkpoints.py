@@ -98,13 +98,14 @@ def test_stage_stopped_every_two_epochs_and_resumed_ends_like_an_uninterrupted_r
 
 
 def test_a_checkpoint_that_calls_the_validation_loss_test_loss_resumes_like_any_other(tmp_path, uninterrupted):
-    """Checkpoints written before the rename hold `test_loss` in their history rows and best epoch."""
+    """Checkpoints written before the rename hold `test_loss` and `time_test` in their history rows and
+    `test_loss` in their best epoch."""
     reference, reference_history = uninterrupted
     with pytest.raises(StageStopped):
         train(tmp_path / "checkpoints", max_epochs_per_run=3)
     latest = tmp_path / "checkpoints" / checkpoints.LATEST
     state = checkpoints.load(latest)
-    rename = {"validation_loss": "test_loss"}
+    rename = {"validation_loss": "test_loss", "time_validation": "time_test"}
     state["history"] = [{rename.get(k, k): v for k, v in row.items()} for row in state["history"]]
     state["best"] = {rename.get(k, k): v for k, v in state["best"].items()}
     checkpoints.save(latest, state)

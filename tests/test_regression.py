@@ -70,7 +70,8 @@ def test_regression_runs_through_the_same_stages_and_writes_keras_models(regress
     for stage in ("stage_0", "stage_1"):
         assert (run / stage / f"model_{stage}.keras").exists()
         history = (run / stage / "history.csv").read_text().splitlines()
-        assert history[0] == "epoch,train_loss,validation_loss,learning_rate,grad_norm,time_data,time_compute,time_test"
+        assert history[0] == ("epoch,train_loss,validation_loss,learning_rate,grad_norm,time_data,time_compute,"
+                              "time_validation")
     assert len((run / "stage_0" / "history.csv").read_text().splitlines()) == 5
     svd = np.concatenate([h5py.File(run / f"svd_{d}.h5")["basis"][()].T[None] for d in ("H1", "L1")])
     stage_0, stage_1 = (keras_weights(run / s / f"model_{s}.keras") for s in ("stage_0", "stage_1"))

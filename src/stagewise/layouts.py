@@ -1,5 +1,6 @@
-"""The HDF5 artefacts' layouts: the root attribute `stagewise_layout` that names each kind of
-file, and the header (layout, settings, provenance) every artefact carries."""
+"""The artefacts' layouts: the root attribute `stagewise_layout` that names each kind of HDF5
+file, the header (layout, settings, provenance) every HDF5 artefact carries, and the old names
+of history columns (history.csv, checkpoints) that readers still accept."""
 
 import json
 from pathlib import Path
@@ -14,6 +15,8 @@ ASD = "asd/1"
 TRAFO = "trafo/1"
 SVD = "svd/1"
 ATTRIBUTE = "stagewise_layout"
+# history column names before 2026-12 -> today's
+LEGACY_HISTORY_NAMES = {"test_loss": "validation_loss", "time_test": "time_validation"}
 
 
 def write_header(f: h5py.File, layout: str, settings: dict[str, Any] | None = None) -> None:

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from .. import seeds
+from .. import layouts, seeds
 from ..config import Problem, Settings, is_regression, label_weights
 from ..files import atomic_path, write_json, write_text
 from ..models.posterior import PosteriorModel, load_flow_model
@@ -218,8 +218,8 @@ def regression_metrics(settings: Settings, inputs: EvaluationInputs, trafo: Traf
 
 
 def read_history(path: str) -> pd.DataFrame:
-    """history.csv; files written before the validation loss was renamed call it test_loss."""
-    return pd.read_csv(path).rename(columns={"test_loss": "validation_loss"})
+    """history.csv; files written before 2026-12 call the validation loss and time test_loss and time_test."""
+    return pd.read_csv(path).rename(columns=layouts.LEGACY_HISTORY_NAMES)
 
 
 def test_data_digest(truths: np.ndarray, raw_inputs: torch.Tensor) -> str:

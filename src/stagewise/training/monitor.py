@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 # history column -> TensorBoard tag
 TAGS = {
     "train_loss": "loss/train", "validation_loss": "loss/validation", "learning_rate": "learning_rate",
-    "grad_norm": "grad_norm", "time_data": "time/data", "time_compute": "time/compute", "time_test": "time/validation",
+    "grad_norm": "grad_norm", "time_data": "time/data", "time_compute": "time/compute",
+    "time_validation": "time/validation",
 }
 
 

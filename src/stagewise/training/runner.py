@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .. import layouts
 from ..data import EpochBatches
 from . import checkpoints
 from .lock import checkpoint_lock
@@ -63,11 +64,11 @@ class Recipe(Protocol):
 
 
 def _renamed(row):
-    """A history row (or best-epoch record) with the validation loss under its current name: files
-    written before it was renamed call it test_loss."""
-    if row is None or "test_loss" not in row:
+    """A history row (or best-epoch record) with the validation loss and time under their current
+    names: files written before they were renamed call them test_loss and time_test."""
+    if row is None:
         return row
-    return {("validation_loss" if key == "test_loss" else key): value for key, value in row.items()}
+    return {layouts.LEGACY_HISTORY_NAMES.get(key, key): value for key, value in row.items()}
 
 
 class StageStopped(Exception):
@@ -216,7 +217,7 @@ def _end_epoch(run, validation_batches, epochs, checkpoint_epochs, monitor):
     row = dict(
         epoch=run.epoch, train_loss=partial["loss_sum"] / partial["count"], validation_loss=validation_loss,
         learning_rate=run.recipe.current_learning_rate(), grad_norm=partial["grad_norm_sum"] / partial["steps"],
-        time_data=partial["time_data"], time_compute=partial["time_compute"], time_test=time.monotonic() - t0,
+        time_data=partial["time_data"], time_compute=partial["time_compute"], time_validation=time.monotonic() - t0,
     )
     run.history.append(row)
     run.recipe.end_epoch(validation_loss)
