@@ -1,11 +1,18 @@
 """GPU check, run by hand on a machine with CUDA (CI has none): `python tests/gpu_check.py OUTDIR`.
 
-Runs the tiny config through every step with the library functions (no Snakemake) on
-`cuda`: simulate, count, trafo, SVD, stage 0 stopped by a runtime limit and resumed,
-stage 1, evaluate. Prints the metrics, the samples/s of stage 0 and whether the
-resumed stage equals an uninterrupted one on the GPU.
+Runs the tiny config through every step with the library functions (no Snakemake) on the
+device (`--device`, default `cuda`): simulate, count, trafo, SVD, stage 0 uninterrupted and
+stage 0 stopped after every epoch (runtime limit max_epochs_per_run: 1) and resumed, stage 1,
+evaluate. Prints a JSON report: the device, the seconds of stage 0, how often the resumed
+stage stopped, whether it equals the uninterrupted one, and the metrics.
+
+Exit status: 0 when the resumed stage 0 was stopped and resumed after every epoch and its model
+equals the uninterrupted one bit for bit (torch.equal on every tensor); 1, with a message naming
+the tensors that differ, otherwise. Without CUDA it refuses to run (exit 2) unless `--device cpu`
+is given, a dry run of the same check on the CPU.
 """
 
+import argparse
 import json
 import sys
 import time
@@ -14,15 +21,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from stagewise import config as settings
-from stagewise.evaluate.run import EvaluationInputs, evaluate
-from stagewise.simulate.files import simulate
-from stagewise.steps import build_svd_step, count_events_step, fit_trafo_step
-from stagewise.training.runner import StageStopped
-from stagewise.training.stage import StageInputs, StageOutputs, train_stage
-
 REPO = Path(__file__).resolve().parent.parent
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+STAGE_0_EPOCHS = 4
 
 
 def merged(base, override):
@@ -32,11 +32,62 @@ def merged(base, override):
     return out
 
 
-def main(outdir):
-    out = Path(outdir)
+def parse_args(argv):
+    """(OUTDIR, device); exits 2 with a message when the device is CUDA and CUDA is not available."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("outdir", help="an empty or new folder for the run's files")
+    parser.add_argument("--device", default="cuda",
+                        help="torch device: cuda (default), cuda:<n>, or cpu for a dry run of the check without a GPU")
+    args = parser.parse_args(argv)
+    if args.device != "cpu" and not torch.cuda.is_available():
+        parser.error(f"CUDA is not available (torch {torch.__version__}, built for CUDA {torch.version.cuda}): "
+                     "this check needs a GPU and does not fall back to the CPU; pass --device cpu for a dry run")
+    return Path(args.outdir), args.device
+
+
+def model_differences(uninterrupted, resumed):
+    """The tensors of two stage models' weights (state dicts) that are not bitwise equal, one line each."""
+    lines = [f"{key}: only in the {'resumed' if key in resumed else 'uninterrupted'} model"
+             for key in sorted(set(uninterrupted) ^ set(resumed))]
+    for key in (k for k in uninterrupted if k in resumed):
+        a, b = uninterrupted[key], resumed[key]
+        if a.shape != b.shape or a.dtype != b.dtype:
+            lines.append(f"{key}: {a.dtype}{list(a.shape)} uninterrupted, {b.dtype}{list(b.shape)} resumed")
+        elif not torch.equal(a, b):
+            largest = float((a.double() - b.double()).abs().max())
+            lines.append(f"{key}: {int((a != b).sum())} of {a.numel()} values differ, max |difference| {largest:.3g}")
+    return lines
+
+
+def check_resume(uninterrupted_model, resumed_model, stops, expected_stops):
+    """The problems of the resume check (empty when it passed): the resumed stage must have stopped
+    `expected_stops` times and its model must equal the uninterrupted one bit for bit."""
+    problems = []
+    if stops != expected_stops:
+        problems.append(f"the resumed stage 0 stopped {stops} times, expected {expected_stops} (once per epoch "
+                        "but the last): the resume was not exercised as planned")
+    a = torch.load(uninterrupted_model, map_location="cpu", weights_only=False)["model"]
+    b = torch.load(resumed_model, map_location="cpu", weights_only=False)["model"]
+    differences = model_differences(a, b)
+    if differences:
+        problems.append(f"the resumed stage 0 ({resumed_model}) differs from the uninterrupted one "
+                        f"({uninterrupted_model}) in {len(differences)} tensors:\n  " + "\n  ".join(differences))
+    return problems
+
+
+def main(argv=None):
+    out, device = parse_args(sys.argv[1:] if argv is None else argv)
+    # the pipeline is imported once the device is known to be there
+    from stagewise import config as settings
+    from stagewise.evaluate.run import EvaluationInputs, evaluate
+    from stagewise.simulate.files import simulate
+    from stagewise.steps import build_svd_step, count_events_step, fit_trafo_step
+    from stagewise.training.runner import StageStopped
+    from stagewise.training.stage import StageInputs, StageOutputs, train_stage
+
     config = merged(yaml.safe_load((REPO / "config/config.yaml").read_text()),
                     yaml.safe_load((REPO / "tests/configs/tiny.yaml").read_text()))
-    config = merged(config, {"local": {"device": DEVICE}, "training": {"stage_0": {"epochs": 4}}})
+    config = merged(config, {"local": {"device": device}, "training": {"stage_0": {"epochs": STAGE_0_EPOCHS}}})
     settings.validate(config)  # fills the stages' defaults
     data = out / "data"
     events = [data / f"{s}_{i:02d}.h5" for s, n in config["simulation"]["num_files"].items() for i in range(n)]
@@ -49,7 +100,7 @@ def main(outdir):
     build_svd_step(settings.svd_settings(config), split["training"], fiducial, out / "trafo.h5", svd)
     inputs = dict(training_files=split["training"], validation_files=split["validation"], trafo=out / "trafo.h5",
                   svd=svd, fiducial_asd=fiducial, asd_set=asd_set)
-    report = {"device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu"}
+    report = {"device": torch.cuda.get_device_name(torch.device(device)) if device != "cpu" else "cpu"}
 
     def stage(name, folder, limits=None, previous=None):
         outputs = StageOutputs(model=out / folder / f"model_{name}.pt", history=out / folder / "history.csv")
@@ -66,20 +117,21 @@ def main(outdir):
             break
         except StageStopped:
             stops += 1
-    a = torch.load(out / "uninterrupted/model_stage_0.pt", weights_only=False)["model"]
-    b = torch.load(out / "resumed/model_stage_0.pt", weights_only=False)["model"]
+    problems = check_resume(out / "uninterrupted/model_stage_0.pt", out / "resumed/model_stage_0.pt", stops,
+                            STAGE_0_EPOCHS - 1)
     report["resume_stops"] = stops
-    report["resumed_equals_uninterrupted"] = all(torch.equal(a[k], b[k]) for k in a)
-    report["resumed_max_abs_difference"] = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    report["resumed_equals_uninterrupted"] = not problems
     stage("stage_1", "stage_1", previous=out / "uninterrupted/model_stage_0.pt")
     inputs = EvaluationInputs(model=out / "stage_1/model_stage_1.pt", trafo=out / "trafo.h5",
                               histories={"stage_0": out / "uninterrupted/history.csv",
                                          "stage_1": out / "stage_1/history.csv"},
                               test_files=split["test"], fiducial_asd=fiducial, asd_set=asd_set, svd=svd, compare={})
-    metrics = evaluate(settings.evaluation_settings(config), config["local"], inputs, out / "evaluation")
-    report["metrics"] = metrics
+    report["metrics"] = evaluate(settings.evaluation_settings(config), config["local"], inputs, out / "evaluation")
     print(json.dumps(report, indent=2))
+    if problems:
+        sys.exit("gpu_check: FAILED on " + report["device"] + ":\n" + "\n".join(problems))
+    print(f"gpu_check: passed on {report['device']}: the resumed stage 0 equals the uninterrupted one bit for bit")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main()
