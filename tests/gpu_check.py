@@ -127,9 +127,14 @@ def main(argv=None):
                                          "stage_1": out / "stage_1/history.csv"},
                               test_files=split["test"], fiducial_asd=fiducial, asd_set=asd_set, svd=svd, compare={})
     report["metrics"] = evaluate(settings.evaluation_settings(config), config["local"], inputs, out / "evaluation")
+    finish(report, problems)
+
+
+def finish(report, problems):
+    """Print the report and the verdict; exit 1 with the problems when there are any."""
     print(json.dumps(report, indent=2))
     if problems:
-        sys.exit("gpu_check: FAILED on " + report["device"] + ":\n" + "\n".join(problems))
+        sys.exit(f"gpu_check: FAILED on {report['device']}:\n" + "\n".join(problems))
     print(f"gpu_check: passed on {report['device']}: the resumed stage 0 equals the uninterrupted one bit for bit")
 
 

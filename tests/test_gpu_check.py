@@ -69,6 +69,15 @@ def test_gpu_check_fails_when_a_tensor_is_missing_or_the_resume_was_not_exercise
     assert "0.bias: only in the uninterrupted model" in problems[1]
 
 
+def test_gpu_check_exits_1_with_the_problems_after_printing_the_report(capsys):
+    with pytest.raises(SystemExit) as failed:
+        gpu_check.finish({"device": "NVIDIA H200", "resume_stops": 3}, ["0.bias: 1 of 4 values differ"])
+    assert failed.value.code == "gpu_check: FAILED on NVIDIA H200:\n0.bias: 1 of 4 values differ"  # printed, exit 1
+    assert '"resume_stops": 3' in capsys.readouterr().out
+    gpu_check.finish({"device": "NVIDIA H200"}, [])  # no problems: returns, exit 0
+    assert "passed on NVIDIA H200" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_gpu_check_dry_run_on_the_cpu_stops_and_resumes_stage_0_and_passes(tmp_path):
     """The whole check with `--device cpu` (about 20 s): what runs on the GPU, so that it does not rot
