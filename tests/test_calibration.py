@@ -38,14 +38,14 @@ def dkw(n, alpha=ALPHA):
 
 
 def conjugate_posteriors(seed, num_injections):
-    """(truths, posterior means, posterior stds), each (N, P), and the generator for what follows."""
+    """(truths, posterior means, posterior stds), each (N, P)."""
     rng = np.random.default_rng(seed)
     truths = rng.normal(PRIOR_MEAN, PRIOR_STD, size=(num_injections, 2))
     noise = NOISE_STD * rng.uniform(0.5, 2.0, size=(num_injections, 2))
     data = truths[:, None, :] + noise[:, None, :] * rng.standard_normal((num_injections, NUM_DATA, 2))
     precision = 1 / PRIOR_STD**2 + NUM_DATA / noise**2
     mean = (PRIOR_MEAN / PRIOR_STD**2 + data.sum(axis=1) / noise**2) / precision
-    return truths, mean, precision**-0.5, rng
+    return truths, mean, precision**-0.5
 
 
 def posterior_samples(rng, mean, std, shift=0.0, scale=1.0, num_samples=NUM_SAMPLES):
@@ -127,7 +127,8 @@ def pp_case():
 
 
 def test_exact_posterior_gives_uniform_credible_levels_and_ks_pvalues_that_are_not_small(pp_case):
-    truths, mean, std, rng = pp_case
+    truths, mean, std = pp_case
+    rng = np.random.default_rng(12)
     levels = credible_levels(posterior_samples(rng, mean, std), truths)
     curve = pp_curve(levels, GRID)
     deviation = np.abs(curve - exact_level_cdf(GRID, NUM_SAMPLES)[:, None]).max(axis=0)
@@ -149,7 +150,8 @@ def test_miscalibrated_posterior_gives_a_small_ks_pvalue_for_its_parameter_only(
     is Phi((z - shift) / scale) for z ~ N(0, 1), so P(level <= u) = Phi(shift + scale Phi^-1(u)): its
     largest distance from the diagonal is at least 0.15 here, so the KS distance of N levels is at least
     0.15 - dkw(N) - 1/S, and the p-value below the README's threshold of miscalibration, 0.01."""
-    truths, mean, std, rng = pp_case
+    truths, mean, std = pp_case
+    rng = np.random.default_rng(13)
     samples = posterior_samples(rng, mean, std)
     samples[:, :, 1] = posterior_samples(rng, mean, std, shift, scale)[:, :, 1]
     interior = GRID[1:-1]
@@ -167,7 +169,8 @@ def test_miscalibrated_posterior_gives_a_small_ks_pvalue_for_its_parameter_only(
 def test_importance_weights_to_the_exact_posterior_make_a_wide_shifted_proposal_calibrated(pp_case):
     """Samples from a proposal twice as wide and shifted by half a width fail P-P; weighted by
     posterior / proposal (normalised per injection) their levels are uniform again."""
-    truths, mean, std, rng = pp_case
+    truths, mean, std = pp_case
+    rng = np.random.default_rng(14)
     shift, scale = 0.5, 2.0
     samples = posterior_samples(rng, mean, std, shift, scale)
     log_posterior = stats.norm.logpdf(samples, mean[:, None, :], std[:, None, :]).sum(axis=2)
@@ -223,7 +226,7 @@ def test_gaussian_summary_of_gaussian_predictions_gives_their_pull_moments_and_c
     """Label a is predicted by the exact posterior's mean and std; label b by mean + shift std with
     σ = scale std. Tolerances: Z standard errors of a mean (σ/√N) and of a standard deviation
     (σ/√(2N)), and the binomial 1 - ALPHA interval of the count inside each interval."""
-    truths, mean, std, _ = conjugate_posteriors(seed=23, num_injections=NUM_PULLS)
+    truths, mean, std = conjugate_posteriors(seed=23, num_injections=NUM_PULLS)
     predicted, sigma = mean.copy(), std.copy()
     predicted[:, 1] += shift * std[:, 1]
     sigma[:, 1] *= scale
