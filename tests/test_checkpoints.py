@@ -2,6 +2,8 @@
 bit for bit where an uninterrupted run ends; checkpoints of other settings are moved aside."""
 
 import logging
+import os
+import time
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch
 from stagewise.data import EpochBatches
 from stagewise.files import atomic_path
 from stagewise.training import checkpoints
+from stagewise.training.lock import STALE_AFTER
 from stagewise.training.optim import TorchRecipe
 from stagewise.training.runner import StageStopped, run_stage
 from stagewise.training.stage import time_limit
@@ -201,3 +204,60 @@ def test_inside_a_cluster_job_the_trainer_stops_a_margin_before_the_job_limit():
     assert time_limit(local, job_runtime=60) == 3300
     assert time_limit({**local, "runtime_limits": {"max_time_per_run": 1000}}, job_runtime=60) == 1000
     assert time_limit(local, job_runtime=1) is None  # margin longer than the job: the scheduler's SIGTERM stops it
+
+
+def test_no_readable_checkpoint_starts_the_stage_afresh_with_a_warning_naming_every_file(tmp_path, uninterrupted,
+                                                                                      caplog):
+    """README: 'it never starts over silently'. Every checkpoint of the folder is damaged: the trainer warns
+    about each one, says it starts afresh, and ends where an uninterrupted run ends."""
+    reference, reference_history = uninterrupted
+    folder = tmp_path / "checkpoints"
+    with pytest.raises(StageStopped):
+        train(folder, max_epochs_per_run=5)  # model_latest.pt, model_2.pt, model_4.pt
+    damaged = [folder / checkpoints.LATEST, folder / "model_4.pt", folder / "model_2.pt"]
+    for path in damaged:
+        path.write_bytes(path.read_bytes()[:200])
+
+    with caplog.at_level(logging.INFO, logger="stagewise"):
+        model, history = train(folder)
+
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    for path in damaged:
+        assert any("skipping damaged checkpoint" in w and str(path) in w for w in warnings), path
+    assert f"{folder} holds no readable checkpoint: starting this stage afresh" in warnings
+    assert not any("resuming" in r.getMessage() for r in caplog.records)
+    assert_same_weights(model, reference)
+    assert without_times(history) == without_times(reference_history)
+
+
+class LockWatcher:
+    """A monitor (called after each epoch's checkpoint) that checks the lock file's heartbeat is fresh,
+    then ages it past STALE_AFTER, so that only the next checkpoint's heartbeat can make it fresh again."""
+
+    def __init__(self, lock):
+        self.lock, self.fresh = lock, []
+
+    def begin(self, epochs_done):
+        self.age()
+
+    def log(self, row):
+        self.fresh.append(time.time() - self.lock.stat().st_mtime < STALE_AFTER)
+        self.age()
+
+    def age(self):
+        aged = time.time() - STALE_AFTER - 60
+        os.utime(self.lock, (aged, aged))
+
+    def close(self):
+        pass
+
+
+def test_every_checkpoint_refreshes_the_lock_heartbeat(tmp_path):
+    """README: the lock is 'refreshed at every checkpoint', so that another host sees a live trainer
+    whose lock is never older than STALE_AFTER."""
+    folder = tmp_path / "checkpoints"
+    watcher = LockWatcher(folder.with_name(folder.name + ".lock"))
+
+    train(folder, checkpoint_epochs=2, monitor=watcher)
+
+    assert watcher.fresh == [True] * EPOCHS
