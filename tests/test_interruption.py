@@ -7,6 +7,7 @@ the final model with an uninterrupted run's, tensor by tensor.
 
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -86,35 +87,123 @@ def assert_same_model(workdir, reference):
         assert ours["train_loss"] == theirs["train_loss"] and ours["validation_loss"] == theirs["validation_loss"]
 
 
+def set_last_log_aside(workdir):
+    """Move the rule log of the last attempt aside (to train_stage_0.log.<n>), so that the rule log holds what
+    the next attempt writes and nothing else. Snakemake removes the log when it starts the job, but until
+    then the last attempt's log would read as the next one's."""
+    log = workdir / LOG
+    if log.exists():
+        log.rename(log.with_name(f"{log.name}.{len(list(log.parent.glob(log.name + '.*')))}"))
+
+
+def attempt_log(workdir):
+    log = workdir / LOG
+    return log.read_text(errors="replace") if log.exists() else ""
+
+
+def temporary_files(workdir):
+    """The temporary files in the checkpoint folder: each exists only while its checkpoint is being written."""
+    return set((workdir / CHECKPOINTS).glob(".*.tmp"))
+
+
+# The progress bar of an epoch, printed when the trainer begins (or resumes) it and every 5 s.
+EPOCH_BAR = re.compile(r"epoch (\d+)/8:\s+\d+%")
+
+
+def epochs_begun(workdir):
+    """The epochs that the trainer has begun in this attempt (see set_last_log_aside)."""
+    return {int(epoch) for epoch in EPOCH_BAR.findall(attempt_log(workdir))}
+
+
+def kill_moment(workdir, temporary_before):
+    """What the trainer was doing when the job was SIGKILLed, from what the kill left behind: a temporary file
+    that this attempt created (a checkpoint write cut short: a SIGKILL lets no cleanup run), else the last
+    epoch that this attempt began, unless the log says the stage is done, else nothing yet (Snakemake's or
+    the trainer's start-up)."""
+    left = temporary_files(workdir) - temporary_before
+    if left:
+        return "checkpoint write", left
+    if "stage stage_0 done" in attempt_log(workdir):
+        return "after the training", None
+    begun = epochs_begun(workdir)
+    if begun:
+        return "epoch", f"epoch {max(begun)}"
+    return "start-up", None
+
+
+def kill_mix(moments):
+    return {kind: sum(k == kind for k, _ in moments)
+            for kind in ("start-up", "epoch", "checkpoint write", "after the training")}
+
+
+def assert_removed_on_this_start(workdir, orphans):
+    """The temporary files of a killed write are gone, and the log of this start says it removed them."""
+    log = attempt_log(workdir)
+    for orphan in orphans:
+        assert not orphan.exists(), orphan
+        assert f"removing {orphan.relative_to(workdir)}, left by a write that was killed" in log
+
+
+def kill_one_attempt(workdir, orphans, rng):
+    """Start the job and, once its trainer has begun an epoch (when the `orphans` of the last killed write
+    must be gone), SIGKILL it: with rng None as soon as one of its checkpoint writes has a temporary file;
+    else once it has begun a second epoch, after a random fraction (up to 0.9) of the first epoch's
+    duration or as the next epoch begins, whichever comes first, so that each attempt adds about one
+    epoch (at most two) to the stage. Returns kill_moment's (kind, what), or None when the job ended first."""
+    set_last_log_aside(workdir)
+    temporary_before = temporary_files(workdir)
+    process = start_training(workdir)
+    try:
+        if not wait_for(lambda: epochs_begun(workdir), process):
+            return None
+        assert_removed_on_this_start(workdir, orphans)
+        if rng is None:
+            wait_for(lambda: temporary_files(workdir) - temporary_before, process, interval=0.0002)
+        else:
+            first_begun = time.monotonic()
+            if not wait_for(lambda: len(epochs_begun(workdir)) >= 2, process):
+                return None
+            delay = rng.uniform(0.0, 0.9) * (time.monotonic() - first_begun)
+            wait_for(lambda: len(epochs_begun(workdir)) >= 3, process, timeout=delay)  # at most that second epoch
+        if process.poll() is not None:
+            return None
+        os.killpg(process.pid, signal.SIGKILL)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+    snakemake(workdir, "--unlock", overrides=LONG_STAGE)
+    return kill_moment(workdir, temporary_before)
+
+
 def test_sigkill_at_random_moments_and_during_a_checkpoint_write_changes_nothing(prepared, reference):
-    """SIGKILL the whole job (Snakemake and the trainer) at random moments of the training,
-    once exactly while a checkpoint is being written, rerunning after each kill."""
+    """SIGKILL the whole job (Snakemake and the trainer) six times while it trains, once while a checkpoint's
+    temporary file exists and then at random moments of later epochs, rerunning after each kill: the stage
+    ends bit for bit where an uninterrupted one ends, and each start removes the temporary files of a
+    killed write. What the trainer was doing at each kill is read from what the kill left (kill_moment)
+    and printed."""
     workdir = prepared
     rng = random.Random(7)
-    kills, kills_during_write = 0, 0
-    checkpoint_dir = workdir / CHECKPOINTS
-    for _ in range(12):
-        if kills >= 6 and kills_during_write >= 1:
+    moments, orphans = [], set()
+    for _ in range(10):
+        mix = kill_mix(moments)
+        if mix["epoch"] + mix["checkpoint write"] >= 6 and mix["checkpoint write"] >= 1:
             break
-        process = start_training(workdir)
-        if not wait_for(lambda: training_started(workdir), process):
-            process.communicate()
-            continue
-        if kills_during_write == 0:
-            hit = wait_for(lambda: any(checkpoint_dir.glob(".model_latest.pt.*.tmp")), process, interval=0.0002)
-        else:
-            time.sleep(rng.uniform(0.0, 1.5))
-            hit = process.poll() is None
-        if hit and process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            kills += 1
-            kills_during_write += kills_during_write == 0
-        process.communicate()
-        if (workdir / MODEL).exists():
-            break
-        snakemake(workdir, "--unlock", overrides=LONG_STAGE)
-    assert kills >= 6 and kills_during_write == 1, f"{kills} kills, {kills_during_write} during a write"
+        moment = kill_one_attempt(workdir, orphans, rng if mix["checkpoint write"] else None)
+        if moment is None:
+            break  # the stage ended before enough kills: the assertion below says so
+        moments.append(moment)
+        orphans = moment[1] if moment[0] == "checkpoint write" else set()
+    mix = kill_mix(moments)
+    report = f"kill moments {mix}: " + "; ".join(
+        f"{kind} ({', '.join(sorted(p.name for p in what))})" if kind == "checkpoint write" else what or kind
+        for kind, what in moments)
+    print(report)
+    assert mix["epoch"] + mix["checkpoint write"] >= 6 and mix["checkpoint write"] >= 1, report
+    assert mix["start-up"] == mix["after the training"] == 0, report
+    set_last_log_aside(workdir)
     finish(workdir)
+    assert_removed_on_this_start(workdir, orphans)
     assert_same_model(workdir, reference)
 
 
