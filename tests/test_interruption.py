@@ -236,6 +236,55 @@ def test_a_stop_signal_checkpoints_mid_epoch_exits_75_and_the_rerun_resumes(prep
     assert_same_model(workdir, reference)
 
 
+def stopped_checkpoint_matches_the_log(workdir, log):
+    """The latest checkpoint is where the log says the trainer stopped: inside an epoch at a step, or after one."""
+    state = torch.load(workdir / CHECKPOINTS / "model_latest.pt", weights_only=False)
+    inside = re.search(r"stopping in epoch (\d+)/8 at step (\d+) of 40", log)
+    if inside:
+        assert state["epoch"] == int(inside.group(1)) - 1
+        assert state["partial_epoch"]["batches"]["step"] == int(inside.group(2))
+    else:
+        after = re.search(r"stopping after epoch (\d+) of 8", log)
+        assert after and state["epoch"] == int(after.group(1)) and state["partial_epoch"] is None
+    return state
+
+
+@pytest.mark.parametrize("limit", ["max_time_per_run", "stop_margin"])
+def test_a_runtime_limit_stops_a_real_job_with_exit_75_mid_run_and_the_rerun_resumes(prepared, reference, limit,
+                                                                                     monkeypatch):
+    """A limit of 0.01 s, shorter than any training step, from local.runtime_limits.max_time_per_run, or
+    inside a cluster job (SLURM_JOB_ID set) from local.training_job.runtime (1 min) less stop_margin
+    (59.99 s): the job stops after the first step past it with exit status 75, having written a checkpoint
+    there, and a rerun without the limit (local settings are in no fingerprint) ends where the
+    uninterrupted run ends."""
+    workdir = prepared
+    monkeypatch.delenv("_CONDOR_JOB_AD", raising=False)
+    if limit == "max_time_per_run":
+        monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+        local, seconds = {"runtime_limits": {"max_time_per_run": 0.01}}, 0.01
+    else:
+        monkeypatch.setenv("SLURM_JOB_ID", "1")
+        local, seconds = {"training_job": {"runtime": 1, "stop_margin": 59.99}}, 1 * 60 - 59.99
+    limited = {**LONG_STAGE, "local": local}
+
+    stopped = snakemake(workdir, "train_stage_0", overrides=limited, check=False)
+
+    assert stopped.returncode != 0
+    assert re.search(r"returned non-zero exit status 75\b", stopped.output), stopped.output[-3000:]
+    log = (workdir / LOG).read_text()
+    print(*[line for line in log.splitlines() if "stopping" in line])
+    assert f"max_time_per_run ({seconds} s) reached" in log
+    assert not (workdir / MODEL).exists()
+    state = stopped_checkpoint_matches_the_log(workdir, log)
+    steps_done = state["epoch"] * 40 + (state["partial_epoch"]["batches"]["step"] if state["partial_epoch"] else 0)
+    assert 0 < steps_done < 8 * 40
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    snakemake(workdir, "train_stage_0", overrides=LONG_STAGE)
+    assert f"resuming from {CHECKPOINTS} at epoch {state['epoch']}" in (workdir / LOG).read_text()
+    assert_same_model(workdir, reference)
+
+
 def test_early_stopping_state_survives_a_sigkill(prepared):
     """Patience 2 with an unreachable min_delta stops the stage after epoch 3. A SIGKILL right after
     epoch 2's checkpoint must not reset the count of epochs without improvement: a reset would
