@@ -330,7 +330,12 @@ def _pick(config: Settings, keys: tuple[str, ...]) -> Settings:
 
 
 def count_settings(config: Settings) -> Settings:
-    return _pick(config, ("inference_parameters", "intrinsic_prior", "extrinsic_prior"))
+    """The labels count_events checks (those the event files hold) and their priors, nothing more: a change
+    elsewhere (an extrinsic prior, an inferred extrinsic parameter) must not rerun it, since Snakemake then
+    plans no step below it for that change (fit_trafo takes counts.yaml as an ancient() input)."""
+    labels = Problem.from_settings(config).label_names
+    return _pick(config, ()) | {"inference_parameters": labels,
+                                "intrinsic_prior": {name: config["intrinsic_prior"][name] for name in labels}}
 
 
 def simulation_settings(config: Settings) -> Settings:
