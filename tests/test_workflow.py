@@ -1,6 +1,7 @@
 """The Snakemake side, with real Snakemake runs of the tiny config in temporary folders."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -71,24 +72,91 @@ def test_nothing_is_planned_after_a_full_run(tiny_run):
     assert planned_jobs(snakemake(tiny_run[0], "-n").output) == set()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "overrides, expected",
-    [
-        ({"training": {"stage_1": {"optimizer": {"learning_rate": 0.005}}}}, {"train_stage_1", "evaluate"}),
-        ({"training": {"stage_0": {"epochs": 3}}}, {"train_stage_0", "train_stage_1", "evaluate"}),
-        ({"svd": {"size": 8}}, {"build_svd", "train_stage_0", "train_stage_1", "evaluate"}),
-        ({"trafo": {"log_labels": []}}, {"fit_trafo", "build_svd", "train_stage_0", "train_stage_1", "evaluate"}),
-        ({"evaluation": {"num_samples": 100}}, {"evaluate"}),
-        ({"local": {"device": "cuda"}}, set()),
-        ({"local": {"threads": 1}}, set()),
-        ({"local": {"checkpoint_epochs": 7}}, set()),
-        ({"local": {"memory_limit_mb": 4096}}, set()),
-        ({"data": {"shuffle": {"block_events": 100}}}, {"train_stage_0", "train_stage_1", "evaluate"}),
+AFTER_SVD = {"train_stage_0", "train_stage_1", "evaluate"}
+EVERY_STEP = ALL_RULES - {"all"}
+FROM_TRAFO = {"fit_trafo", "build_svd"} | AFTER_SVD
+# The README's table "What reruns after a config change", row by row: its first column, then the
+# cases that check that row (id, config overrides, the steps a dry run must plan).
+RERUN_TABLE = {
+    "`training.stage_1.*` (learning rate, epochs, ...)": [
+        ("stage_1 lr", {"training": {"stage_1": {"optimizer": {"learning_rate": 0.005}}}},
+         {"train_stage_1", "evaluate"}),
     ],
-    ids=["stage_1 lr", "stage_0 epochs", "svd size", "trafo log", "evaluation", "device", "threads", "checkpoints",
-         "memory limit", "shuffle blocks"],
-)
+    "`training.stage_0.*`": [
+        ("stage_0 epochs", {"training": {"stage_0": {"epochs": 3}}}, AFTER_SVD),
+    ],
+    "`svd.*`": [
+        ("svd size", {"svd": {"size": 8}}, {"build_svd"} | AFTER_SVD),
+    ],
+    "`trafo.*`": [
+        ("trafo log", {"trafo": {"log_labels": []}}, FROM_TRAFO),
+    ],
+    "`seed`, priors, detectors, `inference_parameters`": [
+        # simulated data: the seed, the intrinsic prior and the detectors make new event files
+        ("seed", {"seed": 43}, EVERY_STEP),
+        ("intrinsic prior", {"intrinsic_prior": {"f0": {"high": 240.0}}}, EVERY_STEP),
+        ("detectors", {"detectors": {"L1": {"time_offset": 0.008}}}, EVERY_STEP),
+        # count_events checks only the labels read from the files (f0, tau) against their priors: not snr's
+        # prior, nor an inferred phase
+        ("extrinsic prior", {"extrinsic_prior": {"snr": {"low": 12.0}}}, FROM_TRAFO),
+        ("inference parameters", {"inference_parameters": ["f0", "tau", "snr", "phase"]}, FROM_TRAFO),
+    ],
+    "`evaluation.*`": [
+        ("evaluation", {"evaluation": {"num_samples": 100}}, {"evaluate"}),
+    ],
+    "`local.*` (device, threads, checkpoints, runtime limits)": [
+        ("device", {"local": {"device": "cuda"}}, set()),
+        ("threads", {"local": {"threads": 1}}, set()),
+        ("checkpoints", {"local": {"checkpoint_epochs": 7}}, set()),
+        ("memory limit", {"local": {"memory_limit_mb": 4096}}, set()),
+        ("runtime limits", {"local": {"runtime_limits": {"max_time_per_run": 60.0, "max_epochs_per_run": 1}}},
+         set()),
+        ("wandb", {"local": {"wandb": {"project": "elsewhere", "mode": "offline"}}}, set()),
+        ("training job", {"local": {"training_job": {"gpus": 0, "mem_mb": 4000, "runtime": 60, "stop_margin": 30}}},
+         set()),
+    ],
+}
+# Not in the README's table, but in config/README.md's: the training order.
+OTHER_CASES = [("shuffle blocks", {"data": {"shuffle": {"block_events": 100}}}, AFTER_SVD)]
+RERUN_CASES = [case for cases in RERUN_TABLE.values() for case in cases] + OTHER_CASES
+
+
+def readme_rerun_table():
+    """{first column: second column} of the README's table under "What reruns after a config change"."""
+    section = (REPO / "README.md").read_text().split("## What reruns after a config change")[1].split("\n## ")[0]
+    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| `")]
+    return {cells[0].removeprefix("| "): cells[1].removesuffix(" |") for cells in rows}
+
+
+PIPELINE = ["simulate", "count_events", "fit_trafo", "build_svd", "train_stage_0", "train_stage_1", "evaluate"]
+
+
+def steps_named(text):
+    """The steps a cell of the README's table names: "nothing", "`step` and everything after it", or a
+    list of steps; None for other words."""
+    if text == "nothing":
+        return set()
+    if match := re.fullmatch(r"`(\w+)` and everything after it", text):
+        return set(PIPELINE[PIPELINE.index(match[1]):])
+    if re.fullmatch(r"`\w+`(, `\w+`)*", text):
+        return set(re.findall(r"`(\w+)`", text))
+    return None
+
+
+def test_every_row_of_the_readme_rerun_table_has_dry_run_cases_that_expect_what_it_says():
+    table = readme_rerun_table()
+    assert set(table) == set(RERUN_TABLE)
+    for row, text in table.items():
+        for name, _, expected in RERUN_TABLE[row]:
+            if (named := steps_named(text)) is not None:
+                assert expected == named, (row, name)
+            for step in re.findall(r"`(\w+)` never", text):
+                assert step not in expected, (row, name, step)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides, expected", [case[1:] for case in RERUN_CASES],
+                         ids=[case[0] for case in RERUN_CASES])
 def test_a_config_change_plans_exactly_the_steps_it_touches(tiny_run, overrides, expected):
     planned = planned_jobs(snakemake(tiny_run[0], "-n", overrides=overrides).output)
     assert planned == (expected | {"all"} if expected else set())
