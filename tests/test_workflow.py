@@ -203,9 +203,11 @@ def test_an_invalid_config_stops_the_run_naming_the_key(tmp_path, overrides, mes
 
 
 @pytest.mark.slow
-def test_a_second_run_with_the_same_seed_stopped_after_every_epoch_gives_the_same_model(tiny_run, tmp_path):
+def test_a_second_run_with_the_same_seed_stopped_after_every_epoch_gives_the_same_model_metrics_and_plots(
+        tiny_run, tmp_path):
     """A second run from scratch (simulation, trafo, SVD, weights, noise: all drawn from `seed`) whose
-    jobs each stop after one epoch (exit 75, a failed attempt) and resume from model_latest.pt."""
+    jobs each stop after one epoch (exit 75, a failed attempt) and resume from model_latest.pt: the
+    same model tensor for tensor, the same metrics.json number for number, the same plots byte for byte."""
     workdir = copy_workflow(tmp_path)
     limited = {"local": {"runtime_limits": {"max_epochs_per_run": 1}}}
     attempts = 0
@@ -218,6 +220,23 @@ def test_a_second_run_with_the_same_seed_stopped_after_every_epoch_gives_the_sam
     for name, tensor in reference["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
     assert [row["epoch"] for row in resumed["history"]] == [1, 2]
+
+    evaluations = [run / "results/tiny/evaluation" for run in (tiny_run[0], workdir)]
+    reference_metrics, metrics = (flat_metrics(folder / "metrics.json") for folder in evaluations)
+    assert metrics.keys() == reference_metrics.keys()
+    for key, value in reference_metrics.items():
+        assert metrics[key] == value, (key, value, metrics[key])  # no field of metrics.json may differ
+    for name in ("importance_sampling.csv", "metrics.html", *(f"{plot}.png" for plot in (*PLOTS, "pulls"))):
+        assert (evaluations[1] / name).read_bytes() == (evaluations[0] / name).read_bytes(), name
+
+
+def flat_metrics(path):
+    """metrics.json as {dotted key: value}."""
+    def flatten(value, prefix):
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items() for k, v in flatten(item, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): value}
+    return flatten(json.loads(path.read_text()), "")
 
 
 def test_workflow_passes_snakemake_lint_and_snakefmt():
