@@ -53,6 +53,12 @@ def test_the_example_script_writes_files_that_count_events_accepts(example, tmp_
     assert yaml.safe_load((tmp_path / "counts.yaml").read_text())["all"]["total"] == 24000
 
 
+# The README: the short training of FAST gets the posterior means within 15 % of the closed-form posterior
+# width (median over test events) and the widths within 6 % (median ratio); the example's full training
+# gets 5-7 % and 2 %. Monte Carlo noise of the sample means is 1/sqrt(2000) = 2.2 % of the width per event.
+MEAN_TOLERANCE, WIDTH_TOLERANCE = 0.15, 0.06
+
+
 @pytest.mark.slow
 def test_pipeline_on_observations_recovers_the_closed_form_posterior(example):
     run_snakemake(example, overrides=FAST)
@@ -61,22 +67,24 @@ def test_pipeline_on_observations_recovers_the_closed_form_posterior(example):
     metrics = yaml.safe_load((run / "evaluation/metrics.json").read_text())
     assert "no likelihood" in metrics["importance_sampling"]["skipped"]
     with h5py.File(example / "examples/data/test_00.h5") as f:
-        inputs, a, b = f["data/inputs"][:400], f["labels/a"][:400], f["labels/b"][:400]
-    inputs = inputs[(np.abs(a) < 2.5) & (np.abs(b) < 2.5)][:50]  # posteriors the prior bounds do not cut
+        inputs, a, b = f["data/inputs"][:1000], f["labels/a"][:1000], f["labels/b"][:1000]
+    inputs = inputs[(np.abs(a) < 2.5) & (np.abs(b) < 2.5)][:200]  # posteriors the prior bounds do not cut
     means, covariance = posterior(inputs.astype(np.float64))
     model, _ = load_flow_model(run / "stage_1/model_stage_1.pt")
     trafo = Trafo.load(run / "trafo.h5")
     torch.manual_seed(0)
-    z, _ = model.sample(trafo.inputs_to_network(torch.as_tensor(inputs)[:, None, :]), torch.zeros(len(inputs), 0),
-                        2000)
+    with torch.no_grad():
+        z, _ = model.sample(trafo.inputs_to_network(torch.as_tensor(inputs)[:, None, :]),
+                            torch.zeros(len(inputs), 0), 2000)
     samples = trafo.labels_from_network(z).numpy()
 
     std = np.sqrt(np.diag(covariance))
     mean_error = np.median(np.abs(samples.mean(axis=1) - means) / std, axis=0)
-    std_ratio = np.median(samples.std(axis=1) / std, axis=0)
-    print(f"median |mean error| / std: {mean_error}, median std ratio: {std_ratio}")
-    assert (mean_error < 0.3).all()
-    assert ((0.8 < std_ratio) & (std_ratio < 1.25)).all()
+    width_ratio = np.median(samples.std(axis=1) / std, axis=0)
+    print(f"median |mean error| / width: {mean_error}, median width ratio: {width_ratio}")
+    assert len(inputs) == 200
+    assert (mean_error < MEAN_TOLERANCE).all(), mean_error
+    assert (np.abs(width_ratio - 1) < WIDTH_TOLERANCE).all(), width_ratio
 
 
 @pytest.mark.slow
