@@ -2,10 +2,12 @@
 metrics of a run without a likelihood, and the HTML report opened in headless Chromium."""
 
 import base64
+import html
 import io
 import json
 import math
 import os
+import re
 import shutil
 
 import matplotlib.image
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 from browser import Chromium, chromium_binary
-from helpers import snakemake, system_up, tiny_config
+from helpers import REPO, snakemake, system_up, tiny_config
 from stagewise.config import Problem
 from stagewise.evaluate.importance import ImportanceSampler, likelihood_plan, normalised_weights, summary
 from stagewise.evaluate.run import EvaluationInputs, evaluate
@@ -183,8 +185,45 @@ IMAGE_SIZES = """(async () => {
 })()"""
 
 
+REPORT_DATA = """Object.fromEntries(Object.entries(results).map(([path, entry]) => [path, {
+  caption: entry.caption,
+  data: entry.mime_type.startsWith("text/html")
+    ? new TextDecoder().decode(Uint8Array.from(atob(entry.data_uri.split("base64,")[1]), c => c.charCodeAt(0)))
+    : null,
+}]))"""
+
+
+def visible_text(html_text):
+    """The text a reader sees of an HTML fragment: tags dropped, entities decoded, whitespace collapsed."""
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", "", html_text)).split())
+
+
+def caption_text(name):
+    """The text of workflow/report/<name>.rst as rendered: ``literal`` marks dropped, whitespace collapsed."""
+    return " ".join((REPO / "workflow/report" / f"{name}.rst").read_text().replace("``", "").split())
+
+
+def html_table_rows(html_text):
+    """{row header: cell} of the first table in an HTML document (pandas' to_html layout)."""
+    table = html_text.split("</table>")[0]
+    return {html.unescape(key): html.unescape(value)
+            for key, value in re.findall(r"<tr>\s*<th>([^<]*)</th>\s*<td>([^<]*)</td>\s*</tr>", table)}
+
+
+def flat_metrics(metrics, prefix=""):
+    """metrics.json as {dotted key: value}, as the report's table names its rows."""
+    flat = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat |= flat_metrics(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 @pytest.mark.slow
-def test_report_opens_in_headless_chromium_with_every_figure_and_the_metrics(tiny_run, chromium, tmp_path):
+def test_report_opens_in_headless_chromium_with_every_figure_its_caption_and_the_metrics(tiny_run, chromium,
+                                                                                          tmp_path):
     workdir = tiny_run[0]
     snakemake(workdir, "--report", "results/tiny/report.html")
     browser = Chromium(tmp_path / "profile")
@@ -193,16 +232,28 @@ def test_report_opens_in_headless_chromium_with_every_figure_and_the_metrics(tin
         browser.wait_for(page, "document.readyState === 'complete' && typeof results !== 'undefined'")
         browser.wait_for(page, "document.querySelector('#app').innerText.includes('Results')")
         sizes = browser.evaluate(page, IMAGE_SIZES)
-        metrics_uri = browser.evaluate(page, "results['results/tiny/evaluation/metrics.html'].data_uri")
+        entries = browser.evaluate(page, REPORT_DATA)
         screenshot = base64.b64decode(browser.send("Page.captureScreenshot", page)["data"])
     finally:
         browser.close()
 
-    expected = {f"results/tiny/evaluation/{plot}.png" for plot in
-                ("loss_curves", "pp_plot", "corner", "pulls", "svd_mismatch", "label_distributions")}
-    assert set(sizes) == expected
+    evaluation = "results/tiny/evaluation"
+    plots = ("loss_curves", "pp_plot", "corner", "pulls", "svd_mismatch", "label_distributions")
+    assert set(sizes) == {f"{evaluation}/{plot}.png" for plot in plots}
     for path, size in sizes.items():
         assert isinstance(size, list) and min(size) > 100, (path, size)
-    assert "pp_ks_pvalue_combined" in base64.b64decode(metrics_uri.split("base64,")[1]).decode()
+    assert set(entries) == {f"{evaluation}/{plot}.png" for plot in plots} | {f"{evaluation}/metrics.html"}
+    for name in (*plots, "metrics"):
+        path = f"{evaluation}/{name}.{'html' if name == 'metrics' else 'png'}"
+        assert visible_text(entries[path]["caption"]) == caption_text(name), path
+
+    table = html_table_rows(entries[f"{evaluation}/metrics.html"]["data"])
+    metrics = flat_metrics(json.loads((workdir / evaluation / "metrics.json").read_text()))
+    assert set(table) == set(metrics)
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            assert float(table[key]) == pytest.approx(value, rel=1e-5, abs=1e-300), (key, table[key], value)
+        else:
+            assert table[key] == str(value), (key, table[key], value)
     pixels = matplotlib.image.imread(io.BytesIO(screenshot))
     assert pixels.std() > 0.01  # the page rendered something, not a blank screen

@@ -234,7 +234,8 @@ def write_metrics(metrics: dict[str, Any], compare: dict[str, str], outdir: Path
     """metrics.json, and the same as an HTML table for the report with the side-by-side comparison."""
     write_json(outdir / "metrics.json", metrics)
     flat = pd.json_normalize(metrics, sep=".").T.rename(columns={0: "value"})
-    html = f"<h3>metrics.json</h3>{flat.to_html()}{comparison_html(metrics, compare)}"
+    table = flat.to_html(float_format="{:.6g}".format)  # six significant digits: a p-value of 1e-14 is not 0.0
+    html = f"<h3>metrics.json</h3>{table}{comparison_html(metrics, compare)}"
     write_text(outdir / "metrics.html", f"<html><body>{html}</body></html>\n")
 
 
