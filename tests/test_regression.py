@@ -5,6 +5,7 @@ bit for bit), its evaluation beside the flow's, and that a torch run never impor
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from helpers import REPO, planned_jobs, snakemake, training_process, wait_for
@@ -113,8 +115,12 @@ def test_a_sigterm_mid_epoch_and_a_resume_give_the_uninterrupted_keras_model(reg
     os.kill(training_process(before_training), signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
     assert "returned non-zero exit status 75" in output and "received SIGTERM" in log.read_text()
+    stop = re.search(r"stopping in epoch 2/4 at step (\d+) of (\d+): .*SIGTERM", log.read_text())
+    assert stop and 0 < int(stop[1]) < int(stop[2]), log.read_text()[-2000:]  # inside epoch 2, not at its end
+    checkpoint = torch.load(before_training / RUN / "checkpoints/stage_0/model_latest.pt", weights_only=False)
+    assert checkpoint["epoch"] == 1 and checkpoint["partial_epoch"]["batches"]["step"] == int(stop[1])
     snakemake(before_training, "train_stage_0", overrides=REGRESSION)
-    assert "resuming from" in log.read_text()
+    assert f"resuming epoch 2 at step {stop[1]}" in log.read_text()
     resumed = keras_weights(before_training / RUN / "stage_0" / "model_stage_0.keras")
     reference = keras_weights(workdir / RUN / "stage_0" / "model_stage_0.keras")
     assert resumed.keys() == reference.keys()
@@ -122,18 +128,50 @@ def test_a_sigterm_mid_epoch_and_a_resume_give_the_uninterrupted_keras_model(reg
         assert np.array_equal(values, resumed[name]), name
 
 
-def test_a_torch_training_and_evaluation_never_import_tensorflow(tmp_path):
-    """Everything a flow run imports (training with TensorBoard logs, evaluation), in a fresh process."""
-    script = f"""
-import sys
-sys.path.insert(0, {str(REPO / 'tests')!r})
-import stagewise.evaluate.run, stagewise.training.stage, stagewise.cli, stagewise.artefacts
+FLOW_RUN_SCRIPT = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from helpers import tiny_config
+import stagewise.cli, stagewise.artefacts
+from stagewise.config import evaluation_settings, stage_settings, validate
+from stagewise.evaluate.run import EvaluationInputs, evaluate
 from stagewise.training.monitor import Monitor
-from test_checkpoints import train
-train({str(tmp_path / 'checkpoints')!r}, epochs=2, monitor=Monitor({str(tmp_path / 'tb')!r}, "stage_0"))
-print(sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras")))
+from stagewise.training.stage import StageInputs, StageOutputs, train_stage
+
+run, out = Path({run!r}), Path({out!r})
+config = tiny_config()
+config["training"]["stage_1"]["epochs"] = 1
+validate(config)  # and fill in the defaults, as the Snakefile does
+detectors = ("H1", "L1")
+inputs = StageInputs(
+    training_files=[str(run / f"data/training_{{i:02d}}.h5") for i in range(2)],
+    validation_files=[str(run / "data/validation_00.h5")], trafo=str(run / "trafo.h5"),
+    svd={{d: str(run / f"svd_{{d}}.h5") for d in detectors}}, fiducial_asd=str(run / "data/fiducial_asd.h5"),
+    asd_set=str(run / "data/asd_set.h5"), previous_model=str(run / "stage_0/model_stage_0.pt"))
+outputs = StageOutputs(model=str(out / "model_stage_1.pt"), history=str(out / "history.csv"))
+train_stage(stage_settings(config, "stage_1"), config["local"], "stage_1", inputs, outputs, out / "checkpoints",
+            threads=2, monitor=Monitor(out / "tensorboard", "stage_1"))
+evaluation = EvaluationInputs(
+    model=out / "model_stage_1.pt",
+    histories={{"stage_0": run / "stage_0/history.csv", "stage_1": out / "history.csv"}},
+    trafo=run / "trafo.h5", test_files=[run / "data/test_00.h5"], fiducial_asd=run / "data/fiducial_asd.h5",
+    asd_set=run / "data/asd_set.h5", svd={{d: run / f"svd_{{d}}.h5" for d in detectors}}, compare={{}})
+(out / "evaluation").mkdir()
+evaluate(evaluation_settings(config), config["local"], evaluation, out / "evaluation", 2)
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras"))))
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == "[]"
-    assert list((tmp_path / "tb").iterdir())  # the TensorBoard file was written
+
+
+@pytest.mark.slow
+def test_a_flow_training_and_evaluation_never_import_tensorflow(tiny_run, tmp_path):
+    """The flow's own path, in a fresh process: train_stage (stage 1 of the tiny run, with TensorBoard
+    logs) and evaluate of the model it wrote; TensorFlow and Keras are installed, and never imported."""
+    script = FLOW_RUN_SCRIPT.format(tests=str(REPO / "tests"), run=str(tiny_run[0] / "results/tiny"),
+                                    out=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+    assert len((tmp_path / "history.csv").read_text().splitlines()) == 2  # header + the one epoch trained
+    assert json.loads((tmp_path / "evaluation/metrics.json").read_text())["model_type"] == "flow"
+    assert list((tmp_path / "tensorboard").iterdir())  # the TensorBoard file was written
