@@ -148,8 +148,8 @@ def kill_one_attempt(workdir, orphans, rng):
     """Start the job and, once its trainer has begun an epoch (when the `orphans` of the last killed write
     must be gone), SIGKILL it: with rng None as soon as one of its checkpoint writes has a temporary file;
     else once it has begun a second epoch, after a random fraction (up to 0.9) of the first epoch's
-    duration or as the next epoch begins, whichever comes first, so that each attempt adds about one
-    epoch (at most two) to the stage. Returns kill_moment's (kind, what), or None when the job ended first."""
+    duration, or as the second epoch's checkpoint write begins if that comes first, so that each attempt
+    adds one epoch to the stage. Returns kill_moment's (kind, what), or None when the job ended first."""
     set_last_log_aside(workdir)
     temporary_before = temporary_files(workdir)
     process = start_training(workdir)
@@ -164,7 +164,7 @@ def kill_one_attempt(workdir, orphans, rng):
             if not wait_for(lambda: len(epochs_begun(workdir)) >= 2, process):
                 return None
             delay = rng.uniform(0.0, 0.9) * (time.monotonic() - first_begun)
-            wait_for(lambda: len(epochs_begun(workdir)) >= 3, process, timeout=delay)  # at most that second epoch
+            wait_for(lambda: temporary_files(workdir) - temporary_before, process, timeout=delay, interval=0.0005)
         if process.poll() is not None:
             return None
         os.killpg(process.pid, signal.SIGKILL)
