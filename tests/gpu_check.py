@@ -66,8 +66,8 @@ def check_resume(uninterrupted_model, resumed_model, stops, expected_stops):
     if stops != expected_stops:
         problems.append(f"the resumed stage 0 stopped {stops} times, expected {expected_stops} (once per epoch "
                         "but the last): the resume was not exercised as planned")
-    a = torch.load(uninterrupted_model, map_location="cpu", weights_only=False)["model"]
-    b = torch.load(resumed_model, map_location="cpu", weights_only=False)["model"]
+    a = torch.load(uninterrupted_model, map_location="cpu", weights_only=True)["model"]
+    b = torch.load(resumed_model, map_location="cpu", weights_only=True)["model"]
     differences = model_differences(a, b)
     if differences:
         problems.append(f"the resumed stage 0 ({resumed_model}) differs from the uninterrupted one "

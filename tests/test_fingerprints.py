@@ -224,7 +224,7 @@ def test_a_changed_trafo_moves_the_checkpoint_folder_aside_and_a_changed_local_s
     with caplog.at_level(logging.INFO, logger="stagewise"):
         assert train(config, tiny_data, folder, tiny_data["trafo"], local)
     assert "resuming from" in caplog.text
-    done = torch.load(folder / "model_stage_0.pt", weights_only=False)
+    done = torch.load(folder / "model_stage_0.pt", weights_only=True)
     assert (done["fingerprint"], done["epoch"], len(done["history"])) == (expected, 2, 2)
     assert [p.name for p in checkpoint_dir.parent.iterdir()] == ["stage_0"]  # nothing moved aside
 

@@ -72,7 +72,7 @@ def test_pipeline_through_the_condor_profile_submits_what_it_should_and_resumes_
     assert "resuming from" in (cluster / "results/tiny/logs/train_stage_0.log").read_text()
 
     for stage in ("stage_0", "stage_1"):
-        ours = torch.load(cluster / f"results/tiny/{stage}/model_{stage}.pt", weights_only=False)
-        theirs = torch.load(local / f"results/tiny/{stage}/model_{stage}.pt", weights_only=False)
+        ours = torch.load(cluster / f"results/tiny/{stage}/model_{stage}.pt", weights_only=True)
+        theirs = torch.load(local / f"results/tiny/{stage}/model_{stage}.pt", weights_only=True)
         for name, tensor in theirs["model"].items():
             assert torch.equal(tensor, ours["model"][name]), (stage, name)

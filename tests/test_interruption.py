@@ -38,7 +38,7 @@ def reference(tmp_path_factory):
     """The uninterrupted stage: its model file's contents."""
     workdir = copy_workflow(tmp_path_factory.mktemp("uninterrupted"))
     snakemake(workdir, "train_stage_0", overrides=LONG_STAGE)
-    return torch.load(workdir / MODEL, weights_only=False)
+    return torch.load(workdir / MODEL, weights_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def finish(workdir):
 
 
 def assert_same_model(workdir, reference):
-    resumed = torch.load(workdir / MODEL, weights_only=False)
+    resumed = torch.load(workdir / MODEL, weights_only=True)
     assert resumed["model"].keys() == reference["model"].keys()
     for name, tensor in reference["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
@@ -225,7 +225,7 @@ def test_a_stop_signal_checkpoints_mid_epoch_exits_75_and_the_rerun_resumes(prep
     output, _ = process.communicate(timeout=60)
     assert process.returncode != 0
     assert "returned non-zero exit status 75" in output
-    state = torch.load(workdir / CHECKPOINTS / "model_latest.pt", weights_only=False)
+    state = torch.load(workdir / CHECKPOINTS / "model_latest.pt", weights_only=True)
     log = (workdir / LOG).read_text()
     assert f"received {stop_signal.name}" in log
     assert log.count("exceed local.memory_limit_mb (0.3 MB): streaming") == (2 if overrides is STREAMED else 0)
@@ -238,7 +238,7 @@ def test_a_stop_signal_checkpoints_mid_epoch_exits_75_and_the_rerun_resumes(prep
 
 def stopped_checkpoint_matches_the_log(workdir, log):
     """The latest checkpoint is where the log says the trainer stopped: inside an epoch at a step, or after one."""
-    state = torch.load(workdir / CHECKPOINTS / "model_latest.pt", weights_only=False)
+    state = torch.load(workdir / CHECKPOINTS / "model_latest.pt", weights_only=True)
     inside = re.search(r"stopping in epoch (\d+)/8 at step (\d+) of 40", log)
     if inside:
         assert state["epoch"] == int(inside.group(1)) - 1
@@ -285,6 +285,40 @@ def test_a_runtime_limit_stops_a_real_job_with_exit_75_mid_run_and_the_rerun_res
     assert_same_model(workdir, reference)
 
 
+def test_a_checkpoint_of_an_earlier_version_stops_the_rerun_until_converted_then_resumes_to_the_same_model(
+        prepared, reference):
+    """A stage stopped after 3 epochs leaves a checkpoint, rewritten as earlier versions wrote it (numpy's
+    random state as a numpy array, which the safe loader refuses). The rerun stops with one line naming
+    `stagewise convert` and leaves the checkpoint as it was (no fresh start); after the conversion the
+    rerun resumes at epoch 3 and ends with the uninterrupted model."""
+    workdir = prepared
+    stopped = snakemake(workdir, "train_stage_0", check=False,
+                        overrides={**LONG_STAGE, "local": {"runtime_limits": {"max_epochs_per_run": 3}}})
+    assert stopped.returncode != 0
+    latest = workdir / CHECKPOINTS / "model_latest.pt"
+    state = torch.load(latest, weights_only=True)
+    assert state["epoch"] == 3
+    name, key, *rest = state["random_states"]["numpy"]
+    state["random_states"]["numpy"] = (name, key.numpy(), *rest)
+    torch.save(state, latest)  # the writer of earlier versions
+    assert "numpy.ndarray" in torch.serialization.get_unsafe_globals_in_checkpoint(latest)
+    old = latest.read_bytes()
+
+    refused = snakemake(workdir, "train_stage_0", overrides=LONG_STAGE, check=False)
+    assert refused.returncode != 0
+    assert (workdir / LOG).read_text().splitlines()[-1].endswith(
+        f"{CHECKPOINTS}/model_latest.pt: written by an earlier stagewise version (it holds numpy arrays); convert "
+        f"it (this runs nothing from the file): stagewise convert {CHECKPOINTS}/model_latest.pt NEW")
+    assert latest.read_bytes() == old and not list(latest.parent.parent.glob("stage_0.*"))
+
+    converted = subprocess.run([sys.executable, "-m", "stagewise.cli", "convert", latest, latest],
+                               capture_output=True, text=True)
+    assert converted.returncode == 0, converted.stderr
+    snakemake(workdir, "train_stage_0", overrides=LONG_STAGE)
+    assert f"resuming from {CHECKPOINTS} at epoch 3" in (workdir / LOG).read_text()
+    assert_same_model(workdir, reference)
+
+
 def test_early_stopping_state_survives_a_sigkill(prepared):
     """Patience 2 with an unreachable min_delta stops the stage after epoch 3. A SIGKILL right after
     epoch 2's checkpoint must not reset the count of epochs without improvement: a reset would
@@ -303,7 +337,7 @@ def test_early_stopping_state_survives_a_sigkill(prepared):
     log = (workdir / LOG).read_text()
     assert "at epoch 2" in log.split("resuming from")[1].splitlines()[0]
     assert "early stopping after epoch 3: validation_loss did not improve for 2 epochs" in log
-    model = torch.load(workdir / MODEL, weights_only=False)
+    model = torch.load(workdir / MODEL, weights_only=True)
     assert [row["epoch"] for row in model["history"]] == [1, 2, 3]
 
 

@@ -120,7 +120,7 @@ def test_a_sigterm_mid_epoch_and_a_resume_give_the_uninterrupted_keras_model(reg
     assert stop and 0 < int(stop[2]) < int(stop[3]), log.read_text()[-2000:]  # inside an epoch, not at its end
     epoch, step = int(stop[1]), int(stop[2])
     print(f"SIGTERM stopped epoch {epoch} at step {step} of {stop[3]}")
-    checkpoint = torch.load(before_training / RUN / "checkpoints/stage_0/model_latest.pt", weights_only=False)
+    checkpoint = torch.load(before_training / RUN / "checkpoints/stage_0/model_latest.pt", weights_only=True)
     assert checkpoint["epoch"] == epoch - 1 and checkpoint["partial_epoch"]["batches"]["step"] == step
     snakemake(before_training, "train_stage_0", overrides=REGRESSION)
     assert f"resuming epoch {epoch} at step {step}" in log.read_text()

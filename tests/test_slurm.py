@@ -80,7 +80,7 @@ def test_pipeline_on_slurm_resumes_after_time_limit_to_the_local_result(slurm, s
           f"stage 0 epochs: {settings['training']['stage_0']['epochs']}")
 
     for stage in ("stage_0", "stage_1"):
-        ours = torch.load(cluster / f"results/tiny/{stage}/model_{stage}.pt", weights_only=False)
-        theirs = torch.load(local / f"results/tiny/{stage}/model_{stage}.pt", weights_only=False)
+        ours = torch.load(cluster / f"results/tiny/{stage}/model_{stage}.pt", weights_only=True)
+        theirs = torch.load(local / f"results/tiny/{stage}/model_{stage}.pt", weights_only=True)
         for name, tensor in theirs["model"].items():
             assert torch.equal(tensor, ours["model"][name]), (stage, name)

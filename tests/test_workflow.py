@@ -215,8 +215,8 @@ def test_a_second_run_with_the_same_seed_stopped_after_every_epoch_gives_the_sam
         attempts += 1
         assert attempts <= 3, "the runs made no progress"
     assert attempts == 2  # stage_0 and stage_1 each stopped once after epoch 1
-    reference = torch.load(tiny_run[0] / "results/tiny/stage_1/model_stage_1.pt", weights_only=False)
-    resumed = torch.load(workdir / "results/tiny/stage_1/model_stage_1.pt", weights_only=False)
+    reference = torch.load(tiny_run[0] / "results/tiny/stage_1/model_stage_1.pt", weights_only=True)
+    resumed = torch.load(workdir / "results/tiny/stage_1/model_stage_1.pt", weights_only=True)
     for name, tensor in reference["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
     assert [row["epoch"] for row in resumed["history"]] == [1, 2]
@@ -264,7 +264,7 @@ def test_every_artefact_carries_its_settings_and_provenance(tiny_run):
     pt_files = sorted(run.rglob("*.pt"))
     assert len(pt_files) >= 2 + 2 * 3  # stage models; latest and two periodic checkpoints per stage
     for path in pt_files:
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=True)
         assert "local" not in state["settings"] and state["settings"]["training"], path
         assert set(PROVENANCE) <= set(state["provenance"]), path
         assert state["fingerprint"] and state["architecture"], path

@@ -9,7 +9,7 @@ import yaml
 
 from .artefacts import UnknownArtefact, describe
 from .config import stage_from_file
-from .training.checkpoints import append_stage, load
+from .training.checkpoints import append_stage, convert, load
 
 
 def _ls(args: argparse.Namespace) -> None:
@@ -24,6 +24,11 @@ def _append_stage(args: argparse.Namespace) -> None:
 def _plan(args: argparse.Namespace) -> None:
     state = load(args.checkpoint)
     print(yaml.safe_dump({"training": state["planned_stages"]}, sort_keys=False).rstrip())
+
+
+def _convert(args: argparse.Namespace) -> None:
+    convert(args.old, args.new)
+    print(f"{args.new}: written in the safe format")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -42,6 +47,11 @@ def parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="print a checkpoint's planned stages as a config override")
     plan.add_argument("checkpoint")
     plan.set_defaults(run=_plan)
+    conv = commands.add_parser("convert", help="rewrite a checkpoint or .pt model of an earlier version (numpy "
+                                               "arrays inside) in the safe format; runs nothing from the file")
+    conv.add_argument("old", metavar="OLD")
+    conv.add_argument("new", metavar="NEW", help="where to write the converted file (may be OLD)")
+    conv.set_defaults(run=_convert)
     return main
 
 

@@ -7,10 +7,15 @@ import errno
 import json
 import logging
 import os
+import pickle
+import pickletools
+import re
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -105,19 +110,117 @@ def write_json(path, data):
     write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+class UnsafeFile(ValueError):
+    """A torch file that the safe loader refuses: it would build an object that is not plain data."""
+
+
+class OldFormat(UnsafeFile):
+    """A torch file written by stagewise before safe loading, which holds numpy objects; `stagewise convert`
+    rewrites it."""
+
+
+def plain(obj):
+    """`obj` as what torch's weights_only loader accepts: numpy arrays become tensors, numpy scalars
+    Python numbers; dicts, lists and tuples are converted item by item."""
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [plain(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(plain(v) for v in obj)
+    return obj
+
+
 def write_torch_file(path, state):
-    """torch.save of `state` (a dict), atomically."""
+    """torch.save of `state` (a dict) as plain data (see `plain`), atomically.
+
+    Raises TypeError, leaving `path` untouched, when `state` holds an object that the safe loader
+    would refuse."""
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        torch.save(plain(state), tmp)
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(tmp)
+        if unsafe:
+            raise TypeError(f"{path}: not written: it would hold {', '.join(unsafe)}, which the safe loader refuses")
+
+
+def _pickle_globals(path):
+    """The module.name of every object a bare pickle file would build, found by reading its opcodes
+    (pickletools runs nothing)."""
+    names, strings = [], []
+    try:
+        with open(path, "rb") as f:
+            for opcode, arg, _ in pickletools.genops(f):
+                if opcode.name in ("GLOBAL", "INST"):
+                    names.append(arg.replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(".".join(strings[-2:]))
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # damaged or not a pickle: name what was found so far
+        pass
+    return list(dict.fromkeys(names))
+
+
+# The numpy objects in files of earlier versions (random states, Keras weights): arrays, their dtypes
+# and numpy scalars, under numpy 2's module names and numpy 1's.
+_DTYPES = [type(np.dtype(code)) for code in "?bhilqBHILQefdgFDG"]
+_MULTIARRAY = [(f, f"{module}.multiarray.{f.__name__}") for module in ("numpy.core", "numpy._core")
+               for f in (np._core.multiarray._reconstruct, np._core.multiarray.scalar)]  # type: ignore[attr-defined]
+EARLIER_NUMPY = [np.ndarray, np.dtype, *_DTYPES, *_MULTIARRAY]
+EARLIER_NAMES = {"numpy.ndarray", "numpy.dtype", *(f"numpy.dtypes.{t.__name__}" for t in _DTYPES),
+                 *(name for _, name in _MULTIARRAY)}
+
+
+def _written_before(name):
+    """Whether `name` is one of the numpy objects in files of earlier versions."""
+    return name in EARLIER_NAMES
+
+
+def _refusal(path, err):
+    """The error for a file that torch's weights_only loader refused with `err`: UnsafeFile naming the
+    objects it would have built, or ValueError when it names none (a damaged file)."""
+    try:
+        objects = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not torch's zip format: a bare pickle
+        objects = _pickle_globals(path) or re.findall(r"GLOBAL (\S+)", str(err))
+    if objects and all(_written_before(o) for o in objects):
+        return OldFormat(f"{path}: written by an earlier stagewise version (it holds numpy arrays); convert it "
+                         f"(this runs nothing from the file): stagewise convert {path} NEW")
+    if not objects:  # nothing named: damaged rather than unsafe
+        return ValueError(f"{path}: unreadable checkpoint (UnpicklingError: damaged, or not a torch file)")
+    return UnsafeFile(f"{path}: refused: loading it would build {', '.join(objects)}; a stagewise file holds only "
+                      "tensors, numbers, strings, lists and dicts, and nothing from this one was run")
 
 
 def read_torch_file(path, required_key):
-    """The dict in a torch file (a checkpoint or stage model), or ValueError naming the file when
-    it cannot be read or lacks `required_key`."""
+    """The dict in a torch file (a checkpoint or stage model), read with torch's weights_only loader,
+    which builds only tensors, numbers, strings, lists, tuples and dicts and never runs code from the
+    file. Raises UnsafeFile (OldFormat for a file of an earlier version) when the file holds anything
+    else, ValueError naming the file when it cannot be read or lacks `required_key`."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        with warnings.catch_warnings():  # torch warns about the protocol of a bare pickle before refusing it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise _refusal(path, err) from None
     except Exception as err:  # torch raises many kinds for a damaged file
         raise ValueError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from None
+    return _checked(path, state, required_key)
+
+
+def read_earlier_torch_file(path, required_key):
+    """Like read_torch_file, but also accepting the numpy arrays, dtypes and scalars that files of
+    earlier versions hold (allow-listed by torch's safe-globals mechanism, nothing else): what
+    `stagewise convert` reads."""
+    with torch.serialization.safe_globals(EARLIER_NUMPY):
+        return read_torch_file(path, required_key)
+
+
+def _checked(path, state, required_key):
     if not isinstance(state, dict) or required_key not in state:
         raise ValueError(f"{path}: not a stagewise checkpoint (no '{required_key}')")
     return state

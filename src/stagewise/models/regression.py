@@ -21,7 +21,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from ..files import atomic_path  # noqa: E402
+from ..files import UnsafeFile, atomic_path  # noqa: E402
 
 if TYPE_CHECKING:
     import torch  # only for to_tf's annotation: importing this module must not change what is loaded
@@ -149,9 +149,16 @@ def save_regression_model(model: RegressionModel, path: str | Path, info: dict[s
 
 
 def load_regression_model(path: str | Path) -> RegressionModel:
-    """A RegressionModel from a .keras file; ValueError naming the file when it cannot be read."""
+    """A RegressionModel from a .keras file, loaded in Keras' safe mode, which builds no Python code
+    (a Lambda layer's function) from the file: UnsafeFile for such a file, ValueError naming the file
+    when it cannot be read."""
     try:
-        model = keras.saving.load_model(path, compile=False)
+        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+    except ValueError as err:
+        if "safe_mode" in str(err):
+            raise UnsafeFile(f"{path}: refused by Keras' safe mode: {str(err).split('. ')[0]}; a stagewise "
+                             "model holds no Python code, and nothing from this one was run") from None
+        raise ValueError(f"{path}: unreadable Keras model (ValueError: {err})") from None
     except Exception as err:  # Keras raises many kinds for a damaged or foreign file
         raise ValueError(f"{path}: unreadable Keras model ({type(err).__name__}: {err})") from None
     if not isinstance(model, RegressionModel):

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Settings, stage_index
-from ..files import read_torch_file, write_torch_file
+from ..files import UnsafeFile, read_earlier_torch_file, read_torch_file, write_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +31,17 @@ def _candidates(directory: Path) -> list[Path]:
 
 
 def latest_valid(directory: str | Path) -> dict[str, Any] | None:
-    """The newest readable checkpoint in `directory`, or None; damaged ones are skipped with a warning."""
+    """The newest readable checkpoint in `directory`, or None; damaged ones are skipped with a warning.
+
+    A file that the safe loader refuses (UnsafeFile) is raised, never skipped: the stage must not
+    silently start afresh beside a checkpoint of an earlier version or a planted file."""
     for path in _candidates(Path(directory)):
         if not path.exists():
             continue
         try:
             return load(path)
+        except UnsafeFile:
+            raise
         except ValueError as err:
             log.warning("skipping damaged checkpoint: %s", err)
     return None
@@ -72,6 +77,15 @@ def resume_state(directory: str | Path, fingerprint: str) -> dict[str, Any] | No
         directory, state["fingerprint"], fingerprint, aside,
     )
     return None
+
+
+def convert(path: str | Path, out: str | Path) -> None:
+    """Rewrite checkpoint or stage model `path` of an earlier version as `out` in the safe format:
+    numpy arrays become tensors, numpy scalars Python numbers. `out` may be `path`.
+
+    Reading `path` accepts numpy arrays, dtypes and scalars besides plain data, and refuses
+    anything else (UnsafeFile): no code from the file runs."""
+    write_torch_file(out, read_earlier_torch_file(path, "fingerprint"))
 
 
 class StageHasBegun(ValueError):

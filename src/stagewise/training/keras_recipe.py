@@ -110,10 +110,10 @@ class KerasRecipe:
         }}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.model.set_weights(state["model"])
+        self.model.set_weights([np.asarray(w) for w in state["model"]])  # tensors in a checkpoint file
         recipe = state["recipe"]
         for variable, value in zip(self.optimizer.variables, recipe["optimizer"], strict=True):
-            variable.assign(value)
+            variable.assign(np.asarray(value))
         self.learning_rate.load_state_dict(recipe["learning_rate"])
         if self.early_stopping is not None:
             self.early_stopping.load_state_dict(recipe["early_stopping"])

@@ -102,7 +102,8 @@ def random_states():
 
 def set_random_states(states):
     torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
+    name, key, *rest = states["numpy"]  # the key is stored as a tensor (files.plain)
+    np.random.set_state((name, np.asarray(key), *rest))
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])

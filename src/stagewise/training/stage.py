@@ -170,7 +170,7 @@ class RegressionBackend:
     def save(self, recipe: Recipe, weights: Any, path: str, info: dict[str, Any]) -> None:
         from ..models.regression import save_regression_model
 
-        recipe.model.set_weights(weights)
+        recipe.model.set_weights([np.asarray(w) for w in weights])  # tensors when read from model_best.pt
         save_regression_model(recipe.model, path, info)
 
 
