@@ -8,7 +8,7 @@ TORCH_PIN := torch==2.13.0
 CORES ?= 2
 RUN := default
 
-.PHONY: setup run lint test test-fast bench dag clean
+.PHONY: setup run lint test test-fast bench bench-infer dag clean
 
 setup: $(VENV)/.installed
 
@@ -40,6 +40,10 @@ test-fast: lint
 
 bench: setup
 	CONDOR_CONFIG=/dev/null $(BIN)/python bench/bench.py
+
+# Needs a finished `make run`: infer calibration and efficiency on 200 new labelled events.
+bench-infer: setup
+	CONDOR_CONFIG=/dev/null $(BIN)/python bench/infer_calibration.py
 
 dag: setup
 	CONDOR_CONFIG=/dev/null $(BIN)/snakemake --dag | dot -Tsvg > docs/dag.svg

@@ -14,9 +14,11 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/infer.smk"
 
 
 rule all:
     default_target: True
     input:
         rules.evaluate.output,
+        rules.infer.input,

@@ -318,6 +318,53 @@ def svd_figure(config, files, repeats):
                               "mean_mismatch_at_size": mismatch, "shape": list(train.shape)}
 
 
+def inference_figures(config, files, training, folder, repeats, events=16, samples=2000):
+    """(h) `infer` without importance sampling against the bare `model.sample` on the same events, both
+    in samples/s (`infer_vs_sample`); and importance sampling's likelihood-and-prior evaluations/s over
+    the bare sampling's samples/s (`importance_sampling_vs_sampling`). The model is the default's at
+    initialisation, written as a stage model file with its inference bundle; the events are a
+    simulated observed set."""
+    from stagewise.files import write_torch_file
+    from stagewise.infer import ImportanceWeights, InferenceModel, InferenceSettings, infer
+    from stagewise.sources import inference_bundle
+    from stagewise.steps import simulate_observed_step
+
+    observed = folder / "observed.h5"
+    simulate_observed_step(settings.observed_simulation_settings(config) | {"simulated_events": events},
+                           files["fiducial"], files["asd_set"], observed)
+    problem = {"data": {"kind": "signals", "simulate": True}, "intrinsic_prior": config["intrinsic_prior"],
+               **{key: config[key] for key in settings.PROBLEM_KEYS}}
+    model_path = folder / "model_stage_0.pt"
+    write_torch_file(model_path, {"fingerprint": "bench", "architecture": training.model.architecture,
+                                  "model": training.model.state_dict(),
+                                  "inference": inference_bundle(problem, training.source, training.trafo)})
+    model = InferenceModel(model_path)
+    with model.open(observed) as f:
+        block = f.read(0, events)
+    inputs, features, whitened = model.prepare(block)
+    ratios, infer_rates, bare_rates, weighing_ratios, weighing_rates = [], [], [], [], []
+    for repeat in range(repeats):
+        start = time.perf_counter()
+        infer(model_path, [observed], folder / f"out_{repeat}", InferenceSettings(samples, False, 64, 1))
+        infer_rates.append(events * samples / (time.perf_counter() - start))
+        start = time.perf_counter()
+        for i in range(0, events, 16):  # as evaluate draws: 16 events per call
+            model.network.sample(inputs[i:i + 16], features[i:i + 16], samples)
+        bare_rates.append(events * samples / (time.perf_counter() - start))
+        ratios.append(infer_rates[-1] / bare_rates[-1])
+        draws, log_q = model.posterior(inputs[:1], features[:1], 0, samples, seed=repeat)
+        weigh = ImportanceWeights(model)
+        start = time.perf_counter()
+        weigh(draws, log_q, whitened[0], torch.as_tensor(block["asds"][0]))
+        weighing_rates.append(samples / (time.perf_counter() - start))
+        weighing_ratios.append(weighing_rates[-1] / bare_rates[-1])
+    return spread(ratios), spread(weighing_ratios), {
+        "events": events, "samples_per_event": samples, "infer_samples_per_second": spread(infer_rates),
+        "sample_samples_per_second": spread(bare_rates),
+        "likelihood_and_prior_per_second": spread(weighing_rates),
+        "phase": "marginalised on 1024 points per sample", "file_writing": "included in infer"}
+
+
 def dry_run_figure(paths, repeats):
     """(g) `snakemake -n` wall time with 1,000 files in the training split: with a stand-in
     `scontrol` that answers at once (as SLURM's does on a login node, or where SLURM is not
@@ -383,6 +430,9 @@ def main():
         results["trafo_vs_read"], details["trafo_vs_read"] = trafo_figure(config, files, folder, args.repeats)
         results["svd"], details["svd"] = svd_figure(config, files, args.repeats)
         print("step figures done", flush=True)
+        results["infer_vs_sample"], results["importance_sampling_vs_sampling"], details["inference"] = \
+            inference_figures(config, files, training, folder, args.repeats)
+        print("inference figures done", flush=True)
         results["dry_run_seconds"], details["dry_run_seconds"] = dry_run_figure(paths, max(3, args.repeats // 2))
     results["details"] = details
     write_json(args.out, results)

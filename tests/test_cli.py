@@ -20,12 +20,15 @@ def test_ls_describes_every_kind_of_artefact(tiny_run):
     run = tiny_run[0] / "results" / "tiny"
     expected = {
         "checkpoints/stage_1/model_latest.pt": ["stage: stage_1", "epochs completed: 2", "fingerprint", "stage_0:"],
-        "stage_0/model_stage_0.pt": ["stage: stage_0", "freeze_svd: true", "architecture"],
+        "stage_0/model_stage_0.pt": ["stage: stage_0", "freeze_svd: true", "architecture",
+                                     "inference bundle: yes"],
         "trafo.h5": ["tau: {mean:", "log: true", "inputs"],
         "svd_L1.h5": ["detector: L1", "mismatch by basis size", "p99.9"],
         "counts.yaml": ["total: 400", "validation"],
         "data/training_00.h5": ["events: 200", "complex64 (200, 124)", "124 bins, 20 to 512 Hz"],
         "data/asd_set.h5": ["8 ASD(s)"],
+        "data/observed.h5": ["observed-data file", "events: 4", "detectors: [H1, L1]", "labels: [f0, phase"],
+        "inference/simulated/posterior.h5": ["posterior file", "samples per event: 200", "efficiency median"],
     }
     for name, fragments in expected.items():
         result = stagewise("ls", run / name)
@@ -68,7 +71,8 @@ def test_append_stage_then_plan_drives_the_workflow_to_train_only_the_new_stage(
     plan = stagewise("plan", edited).stdout
     assert list(yaml.safe_load(plan)["training"]) == ["stage_0", "stage_1", "stage_2"]
     overrides = yaml.safe_load(plan)
-    assert planned_jobs(snakemake(workdir, "-n", overrides=overrides).output) == {"train_stage_2", "evaluate", "all"}
+    planned = planned_jobs(snakemake(workdir, "-n", overrides=overrides).output)
+    assert planned == {"train_stage_2", "evaluate", "infer_set", "all"}
 
 
 @pytest.mark.slow

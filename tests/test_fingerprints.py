@@ -106,6 +106,8 @@ SAME = {
     "training.stage_1.epochs": 5,
     "training.stage_2": {"epochs": 1, "batch_size": 10},
     "evaluation.num_samples": 100,
+    "inference.num_samples": 100,
+    "inference.simulated_events": 4,
     "local.device": "cuda",
     "local.threads": 7,
     "local.checkpoint_epochs": 3,

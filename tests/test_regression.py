@@ -15,6 +15,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -67,7 +68,7 @@ def regression_run(tiny_run, tmp_path_factory):
 @pytest.mark.slow
 def test_regression_runs_through_the_same_stages_and_writes_keras_models(regression_run):
     workdir, _, jobs = regression_run
-    assert jobs == {"train_stage_0", "train_stage_1", "evaluate", "all"}
+    assert jobs == {"train_stage_0", "train_stage_1", "evaluate", "simulate_observed", "infer_set", "all"}
     run = workdir / RUN
     for stage in ("stage_0", "stage_1"):
         assert (run / stage / f"model_{stage}.keras").exists()
@@ -81,6 +82,25 @@ def test_regression_runs_through_the_same_stages_and_writes_keras_models(regress
     assert np.allclose(stage_0[first_layer], svd, atol=1e-6)  # frozen in stage 0
     assert not np.allclose(stage_1[first_layer], svd, atol=1e-6)  # trained in stage 1
     assert not (workdir / "results/tiny/stage_0/model_stage_0.keras").exists()
+
+
+@pytest.mark.slow
+def test_regression_infers_a_mean_and_an_uncertainty_per_label_of_each_observed_event(regression_run):
+    """dnn_reco's apply step: `<label>` and `<label>_uncertainty` per event, in physical units, no samples."""
+    workdir, _, _ = regression_run
+    folder = workdir / RUN / "inference/simulated"
+    with h5py.File(folder / "posterior.h5") as f:
+        assert f.attrs["model_type"] == "gaussian_regression" and "samples" not in f
+        assert f.attrs["importance_sampling_skipped"] == "gaussian_regression has no samples"
+        predictions = {name: f["predictions"][name][()] for name in f["predictions"]}
+        truths = {name: f["labels"][name][()] for name in f["labels"]}
+    assert sorted(predictions) == sorted(f"{n}{s}" for n in ("f0", "tau", "snr") for s in ("", "_uncertainty"))
+    for name in ("f0", "tau", "snr"):
+        assert predictions[name].shape == (4,) and (predictions[f"{name}_uncertainty"] > 0).all()
+    assert (np.abs(predictions["f0"] - truths["f0"]) < 200).all()  # inside the prior's width: physical units
+    table = pd.read_csv(folder / "summary.csv")
+    assert list(table.columns[:3]) == ["event_id", "f0", "f0_uncertainty"] and "f0_true" in table.columns
+    assert not (folder / "corner.png").exists()
 
 
 @pytest.mark.slow

@@ -15,7 +15,9 @@ import yaml
 
 from helpers import REPO, copy_workflow, planned_jobs, snakemake
 
-ALL_RULES = {"simulate", "count_events", "fit_trafo", "build_svd", "train_stage_0", "train_stage_1", "evaluate", "all"}
+ALL_RULES = {"simulate", "count_events", "fit_trafo", "build_svd", "train_stage_0", "train_stage_1", "evaluate",
+             "simulate_observed", "infer_set", "all"}
+INFERENCE = {"simulate_observed", "infer_set"}
 PLOTS = ("loss_curves", "pp_plot", "corner", "svd_mismatch", "label_distributions")
 
 
@@ -36,9 +38,9 @@ def test_dag_renders_as_svg(tmp_path):
 @pytest.mark.slow
 def test_partial_target_builds_only_what_stage_1_needs(tiny_run):
     _, first, second, evaluation_after_first = tiny_run
-    assert first == ALL_RULES - {"evaluate", "all"}
+    assert first == ALL_RULES - {"evaluate", "all"} - INFERENCE
     assert not evaluation_after_first
-    assert second == {"evaluate", "all"}
+    assert second == {"evaluate", "all"} | INFERENCE
 
 
 @pytest.mark.slow
@@ -63,8 +65,8 @@ def test_full_run_writes_every_documented_output(tiny_run):
     table = pd.read_csv(run / "evaluation" / "importance_sampling.csv")
     assert len(table) == 50 and table["log_evidence"].notna().all()
     assert table["efficiency"].median() == pytest.approx(sampling["efficiency_median"])
-    for rule in ALL_RULES - {"all"}:
-        assert (run / "logs" / f"{rule}.log").stat().st_size > 0, rule
+    for log in [*(f"{rule}.log" for rule in ALL_RULES - {"all", "infer_set"}), "infer_simulated.log"]:
+        assert (run / "logs" / log).stat().st_size > 0, log
 
 
 @pytest.mark.slow
@@ -72,7 +74,7 @@ def test_nothing_is_planned_after_a_full_run(tiny_run):
     assert planned_jobs(snakemake(tiny_run[0], "-n").output) == set()
 
 
-AFTER_SVD = {"train_stage_0", "train_stage_1", "evaluate"}
+AFTER_SVD = {"train_stage_0", "train_stage_1", "evaluate", "infer_set"}
 EVERY_STEP = ALL_RULES - {"all"}
 FROM_TRAFO = {"fit_trafo", "build_svd"} | AFTER_SVD
 # The README's table "What reruns after a config change", row by row: its first column, then the
@@ -80,7 +82,7 @@ FROM_TRAFO = {"fit_trafo", "build_svd"} | AFTER_SVD
 RERUN_TABLE = {
     "`training.stage_1.*` (learning rate, epochs, ...)": [
         ("stage_1 lr", {"training": {"stage_1": {"optimizer": {"learning_rate": 0.005}}}},
-         {"train_stage_1", "evaluate"}),
+         {"train_stage_1", "evaluate", "infer_set"}),
     ],
     "`training.stage_0.*`": [
         ("stage_0 epochs", {"training": {"stage_0": {"epochs": 3}}}, AFTER_SVD),
@@ -98,11 +100,15 @@ RERUN_TABLE = {
         ("detectors", {"detectors": {"L1": {"time_offset": 0.008}}}, EVERY_STEP),
         # count_events checks only the labels read from the files (f0, tau) against their priors: not snr's
         # prior, nor an inferred phase
-        ("extrinsic prior", {"extrinsic_prior": {"snr": {"low": 12.0}}}, FROM_TRAFO),
+        ("extrinsic prior", {"extrinsic_prior": {"snr": {"low": 12.0}}}, FROM_TRAFO | {"simulate_observed"}),
         ("inference parameters", {"inference_parameters": ["f0", "tau", "snr", "phase"]}, FROM_TRAFO),
     ],
     "`evaluation.*`": [
         ("evaluation", {"evaluation": {"num_samples": 100}}, {"evaluate"}),
+    ],
+    "`inference.*`": [
+        ("inference samples", {"inference": {"num_samples": 100}}, {"infer_set"}),
+        ("simulated events", {"inference": {"simulated_events": 5}}, INFERENCE),
     ],
     "`local.*` (device, threads, checkpoints, runtime limits)": [
         ("device", {"local": {"device": "cuda"}}, set()),
@@ -128,7 +134,8 @@ def readme_rerun_table():
     return {cells[0].removeprefix("| "): cells[1].removesuffix(" |") for cells in rows}
 
 
-PIPELINE = ["simulate", "count_events", "fit_trafo", "build_svd", "train_stage_0", "train_stage_1", "evaluate"]
+PIPELINE = ["simulate", "count_events", "fit_trafo", "build_svd", "train_stage_0", "train_stage_1", "evaluate",
+            "infer_set"]
 
 
 def steps_named(text):
@@ -255,7 +262,7 @@ PROVENANCE = ["version_stagewise", "version_torch", "version_nflows", "version_n
 def test_every_artefact_carries_its_settings_and_provenance(tiny_run):
     run = tiny_run[0] / "results" / "tiny"
     h5_files = sorted(run.rglob("*.h5"))
-    assert len(h5_files) == 4 + 2 + 1 + 2  # event files, ASD files, trafo, SVD bases
+    assert len(h5_files) == 4 + 2 + 1 + 2 + 2  # event files, ASD files, trafo, SVD bases, observed set, posterior
     for path in h5_files:
         with h5py.File(path, "r") as f:
             assert json.loads(f.attrs["settings"]), path
@@ -285,7 +292,7 @@ def test_stage_0_warm_starts_from_another_runs_model_and_refuses_one_of_another_
     other = tiny_run[0] / "results/tiny/stage_1/model_stage_1.pt"
     warm = {"training": {"stage_0": {"warm_start": str(other)}}}
     planned = planned_jobs(snakemake(workdir, "-n", overrides=warm).output)
-    assert planned == {"train_stage_0", "train_stage_1", "evaluate", "all"}
+    assert planned == {"train_stage_0", "train_stage_1", "evaluate", "infer_set", "all"}
     snakemake(workdir, "train_stage_0", overrides=warm)
     log = (workdir / "results/tiny/logs/train_stage_0.log").read_text()
     assert f"stage_0 starts from the weights of {other} (epoch 2)" in log

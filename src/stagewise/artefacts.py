@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import h5py
+import numpy as np
 import yaml
 
 from . import layouts
@@ -44,6 +45,7 @@ def describe_model(path: str | Path) -> str:
         "epochs planned": planned.get(state["stage"], {}).get("epochs", "unknown"),
         "inside epoch": f"step {partial['batches']['step']} of epoch {state['epoch'] + 1}" if partial else "no",
         "fingerprint": state["fingerprint"],
+        "inference bundle": "yes (`stagewise infer` needs no other file)" if state.get("inference") else "no",
     }
     history = state.get("history", [])
     last = {k: round(v, 6) if isinstance(v, float) else v for k, v in history[-1].items()} if history else "none"
@@ -94,8 +96,29 @@ def _describe_h5(path: str | Path, f: h5py.File) -> str:
         svd = {"detector": str(f.attrs.get("detector")), "basis": list(basis.shape)}
         parts.append(_section("SVD basis", _yaml(svd)))
         parts.append(_section("mismatch by basis size", "\n".join(rows)))
+    elif layout == layouts.OBSERVED:
+        observed: dict[str, Any] = {"kind": str(f.attrs.get("kind")), "events": int(f["event_id"].shape[0])}
+        if "strain" in f:
+            freqs = f["frequencies"][()]
+            observed |= {"detectors": list(f["strain"]), "frequencies": f"{len(freqs)} bins, {freqs[0]:g} to "
+                                                                        f"{freqs[-1]:g} Hz"}
+        else:
+            observed["inputs"] = f"{f['data/inputs'].dtype} {f['data/inputs'].shape}"
+        observed["labels"] = list(f.get("labels", {}))
+        parts.append(_section("observed-data file", _yaml(observed)))
+    elif layout == layouts.POSTERIOR:
+        posterior: dict[str, Any] = {"model type": str(f.attrs.get("model_type")),
+                                     "events": int(f["event_id"].shape[0])}
+        if "samples" in f:
+            posterior |= {"samples per event": int(f["samples/log_prob"].shape[1]), "columns": list(f["samples"])}
+        if "events/efficiency" in f:
+            posterior["efficiency median"] = float(np.median(f["events/efficiency"][()]))
+        if "importance_sampling_skipped" in f.attrs:
+            posterior["importance sampling skipped"] = str(f.attrs["importance_sampling_skipped"])
+        parts.append(_section("posterior file", _yaml(posterior)))
     else:
-        known = ", ".join((layouts.EVENTS, layouts.ASD, layouts.TRAFO, layouts.SVD))
+        known = ", ".join((layouts.EVENTS, layouts.ASD, layouts.TRAFO, layouts.SVD, layouts.OBSERVED,
+                           layouts.POSTERIOR))
         raise UnknownArtefact(f"{path}: an HDF5 file without a known '{layouts.ATTRIBUTE}' attribute (found "
                               f"{layout!r}; expected one of {known})")
     if "settings" in f.attrs:

@@ -12,6 +12,13 @@ from .config import stage_from_file
 from .training.checkpoints import append_stage, convert, load
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
 def _ls(args: argparse.Namespace) -> None:
     print(describe(args.path))
 
@@ -29,6 +36,15 @@ def _plan(args: argparse.Namespace) -> None:
 def _convert(args: argparse.Namespace) -> None:
     convert(args.old, args.new)
     print(f"{args.new}: written in the safe format")
+
+
+def _infer(args: argparse.Namespace) -> None:
+    from .infer import InferenceSettings, infer
+
+    settings = InferenceSettings(args.num_samples, not args.no_importance_sampling, args.events_per_batch,
+                                 args.num_plot_events)
+    table = infer(args.model, args.events, args.out, settings, args.device)
+    print(f"{args.out}: posterior.h5 and summary.csv of {len(table)} events")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -52,6 +68,16 @@ def parser() -> argparse.ArgumentParser:
     conv.add_argument("old", metavar="OLD")
     conv.add_argument("new", metavar="NEW", help="where to write the converted file (may be OLD)")
     conv.set_defaults(run=_convert)
+    inf = commands.add_parser("infer", help="posteriors (or predictions) of observed events from one stage model file")
+    inf.add_argument("model", help="a stage model: model_stage_<k>.pt, or .keras for gaussian_regression")
+    inf.add_argument("events", nargs="+", help="observed-data files (layout observed/1)")
+    inf.add_argument("--out", required=True, help="folder for posterior.h5, summary.csv and corner.png")
+    inf.add_argument("--num-samples", type=_positive, default=2000, help="posterior samples per event (2000)")
+    inf.add_argument("--no-importance-sampling", action="store_true", help="the network's samples only")
+    inf.add_argument("--events-per-batch", type=_positive, default=64, help="events read at a time (64)")
+    inf.add_argument("--num-plot-events", type=_positive, default=3, help="corner plots of the first events (3)")
+    inf.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0 (cpu)")
+    inf.set_defaults(run=_infer)
     return main
 
 

@@ -361,24 +361,49 @@ def evaluation_settings(config: Settings) -> Settings:
 
 
 def resolve_file(path: str | None, key: str) -> str:
-    """`path` checked to be an existing file; an error names the config key `key` otherwise."""
+    """`path` checked to be an existing file; an error names the config key `key` (e.g. data.asd_set_file)
+    otherwise."""
     if path is None:
-        raise ValueError(f"data.{key}: no file given (the path of one HDF5 file)")
+        raise ValueError(f"{key}: no file given (the path of one HDF5 file)")
     if not Path(path).is_file():
-        raise ValueError(f"data.{key}: file not found: {path}")
+        raise ValueError(f"{key}: file not found: {path}")
     return str(path)
 
 
 def resolve_files(spec: str | list[str] | None, key: str) -> list[str]:
     """A sorted list of paths from a glob pattern or a list; an empty result is an error naming `key`."""
     if spec is None:
-        raise ValueError(f"data.{key}: no files given (a glob pattern or a list of paths)")
+        raise ValueError(f"{key}: no files given (a glob pattern or a list of paths)")
     if isinstance(spec, str):
         paths = sorted(glob.glob(spec))
         if not paths:
-            raise ValueError(f"data.{key}: the pattern '{spec}' matches no file")
+            raise ValueError(f"{key}: the pattern '{spec}' matches no file")
         return paths
     missing = [p for p in spec if not Path(p).is_file()]
     if missing:
-        raise ValueError(f"data.{key}: file not found: {missing[0]}")
+        raise ValueError(f"{key}: file not found: {missing[0]}")
     return list(spec)
+
+
+INFERENCE_KEYS = ("num_samples", "importance_sampling", "events_per_batch", "num_plot_events")
+SIMULATED_SET = "simulated"  # the observed set that data.simulate writes (inference.simulated_events)
+
+
+def inference_settings(config: Settings) -> Settings:
+    """The keys that shape each set's posterior.h5 (not `sets`: a set's files are its rule's input)."""
+    return {key: config["inference"][key] for key in INFERENCE_KEYS}
+
+
+def observed_simulation_settings(config: Settings) -> Settings:
+    """What the simulated observed set depends on."""
+    return {key: config[key] for key in ("seed", "simulation", "intrinsic_prior", "extrinsic_prior", "detectors")} | {
+        "simulated_events": config["inference"]["simulated_events"]}
+
+
+def inference_sets(config: Settings, simulated_file: str) -> dict[str, list[str]]:
+    """{set name: observed-data files} of inference.sets, plus the simulated set when data.simulate
+    writes one (at `simulated_file`)."""
+    sets = {name: resolve_files(spec, f"inference.sets.{name}") for name, spec in config["inference"]["sets"].items()}
+    if config["data"]["simulate"] and config["inference"]["simulated_events"]:
+        sets[SIMULATED_SET] = [simulated_file]
+    return sets

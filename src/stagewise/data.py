@@ -47,6 +47,8 @@ class StrainSimulator:
     extrinsic_priors: dict[str, Prior]
     fiducial_asd: torch.Tensor  # float32 (D, F)
     asd_set: torch.Tensor | None  # float32 (M, D, F)
+    num_asd_bands: int
+    bands: torch.Tensor  # float32 (F, num_asd_bands), band_matrix
     num_asd_features: int
     set_features: torch.Tensor | None  # (M, D * num_asd_bands), the ASD features of asd_set
     offset_over_fiducial: torch.Tensor  # complex128 (D, F)
@@ -60,13 +62,17 @@ class StrainSimulator:
         self.extrinsic_priors = extrinsic_priors
         self.fiducial_asd = torch.as_tensor(fiducial_asd, dtype=torch.float32, device=self.device)
         self.asd_set = None if asd_set is None else torch.as_tensor(asd_set, dtype=torch.float32, device=self.device)
-        bands = torch.as_tensor(band_matrix(len(frequencies), num_asd_bands), dtype=torch.float32, device=self.device)
+        self.num_asd_bands = num_asd_bands
+        self.bands = torch.as_tensor(band_matrix(len(frequencies), num_asd_bands), dtype=torch.float32,
+                                     device=self.device)
         self.num_asd_features = len(detectors.names) * num_asd_bands
-        self.set_features = None
-        if self.asd_set is not None:
-            self.set_features = (torch.log(self.asd_set / self.fiducial_asd) @ bands).flatten(1)
+        self.set_features = None if self.asd_set is None else self.asd_features(self.asd_set)
         offsets = detectors.offset_shift(self.frequencies, torch.float64) / self.fiducial_asd.double().cpu()
         self.offset_over_fiducial = offsets.to(self.device)
+
+    def asd_features(self, asds: torch.Tensor) -> torch.Tensor:
+        """The ASD features (B, D * num_asd_bands) of ASDs (B, D, F): band averages of log(ASD / fiducial)."""
+        return (torch.log(asds.to(self.device, torch.float32) / self.fiducial_asd) @ self.bands).flatten(1)
 
     def whitened_signals(self, h_plus: torch.Tensor, h_cross: torch.Tensor, extrinsic: Mapping[str, torch.Tensor],
                          asds: torch.Tensor | None = None) -> torch.Tensor:

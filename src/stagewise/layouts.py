@@ -14,6 +14,8 @@ EVENTS = "events/1"
 ASD = "asd/1"
 TRAFO = "trafo/1"
 SVD = "svd/1"
+OBSERVED = "observed/1"
+POSTERIOR = "posterior/1"
 ATTRIBUTE = "stagewise_layout"
 # history column names before 2026-12 -> today's
 LEGACY_HISTORY_NAMES = {"test_loss": "validation_loss", "time_test": "time_validation"}

@@ -5,7 +5,8 @@ batch (theta in network space (B, P), inputs (B, C, n), ASD features (B, A)). Th
 stage runner, the model and the evaluation need nothing else of the kind of data.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -15,6 +16,9 @@ from .data import EventBank, StrainSimulator, event_bank
 from .detectors import Detectors, read_asd_file
 from .events import OBSERVATION_DATASET, SIGNAL_DATASETS, read_events, read_frequencies, split_layout
 from .priors import make_priors
+from .trafo import Trafo
+
+BUNDLE_FORMAT = 1  # the version of the inference bundle that model files carry
 
 
 class Injections(NamedTuple):
@@ -132,3 +136,50 @@ def make_source(problem: Problem, event_file: str, fiducial_asd: str | None = No
         (num_inputs,), _ = per_event[OBSERVATION_DATASET]
         return ObservationSource(problem, num_inputs, device)
     return SignalSource(problem, make_simulator(problem, event_file, fiducial_asd, asd_set, device, num_asd_bands))
+
+
+def inference_bundle(problem_settings: Settings, source: Source, trafo: Trafo) -> dict[str, Any]:
+    """What a stage model file carries so that `infer` needs no other file: the problem (kind of data,
+    inference parameters, priors, detectors), the trafo, and for signals the frequency grid, the
+    fiducial ASD and the number of ASD bands; for observations the number of inputs K."""
+    bundle: dict[str, Any] = {"format": BUNDLE_FORMAT, "problem": problem_settings, "trafo": trafo.to_dict()}
+    if isinstance(source, SignalSource):
+        simulator = source.simulator
+        bundle |= {"frequencies": simulator.frequencies.cpu(), "fiducial_asd": simulator.fiducial_asd.cpu(),
+                   "num_asd_bands": simulator.num_asd_bands}
+    else:
+        bundle["num_inputs"] = source.num_inputs
+    return bundle
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A model file's inference bundle, rebuilt: see inference_bundle."""
+
+    problem: Problem
+    settings: Settings  # the problem's settings as stored
+    trafo: Trafo
+    simulator: StrainSimulator | None  # signals; None for observations
+    num_inputs: int  # K for observations; 2F for signals
+
+    @classmethod
+    def read(cls, values: Mapping[str, Any] | None, path: str, device: str | torch.device = "cpu") -> "Bundle":
+        """The bundle of model file `path` (values: what the file holds under "inference")."""
+        if not values:
+            raise ValueError(f"{path}: this model file carries no inference bundle (written before 2026-12): rerun "
+                             "its stage with this version (snakemake --forcerun train_stage_<k>: a finished stage "
+                             "resumes from its last checkpoint, after `stagewise convert` if that is older, and "
+                             "only rewrites the model file)")
+        if values.get("format") != BUNDLE_FORMAT:
+            raise ValueError(f"{path}: inference bundle format {values.get('format')!r}, this version reads "
+                             f"{BUNDLE_FORMAT}")
+        settings = values["problem"]
+        problem = Problem.from_settings(settings)
+        trafo = Trafo.from_dict(values["trafo"])
+        if problem.observations:
+            return cls(problem, settings, trafo, None, int(values["num_inputs"]))
+        frequencies = torch.as_tensor(values["frequencies"], dtype=torch.float64)
+        simulator = StrainSimulator(frequencies, Detectors(problem.detectors), make_priors(problem.extrinsic_prior),
+                                    torch.as_tensor(values["fiducial_asd"]), None, int(values["num_asd_bands"]),
+                                    device)
+        return cls(problem, settings, trafo, simulator, 2 * len(frequencies))

@@ -1,5 +1,5 @@
-"""The preprocessing steps of the DAG (count_events, fit_trafo, build_svd), called by the
-workflow's scripts and by tests.
+"""The preprocessing steps of the DAG (count_events, fit_trafo, build_svd) and the simulated
+observed set (simulate_observed), called by the workflow's scripts and by tests.
 
 Each takes the settings subset of its rule (config.*_settings), its input paths and its
 output paths. The training and evaluation steps are training.stage.train_stage and
@@ -10,9 +10,16 @@ import logging
 
 import torch
 
+from . import seeds
 from .config import Problem, Settings
+from .data import StrainSimulator
+from .detectors import Detectors, read_asd_file
 from .events import OBSERVATION_DATASET, SIGNAL_DATASETS, count_splits, read_events
 from .files import write_yaml
+from .observed import write_observed_file
+from .priors import make_priors, sample_priors
+from .simulate.noise import frequency_grid
+from .simulate.ringdown import ringdown_polarisations
 from .sources import make_simulator
 from .svd import build_observation_svd, build_svd, save_svd
 from .trafo import Trafo, fit_trafo, observation_batches, signal_batches
@@ -64,3 +71,25 @@ def build_svd_step(settings: Settings, training_files: list[str], fiducial_asd: 
                             settings["seed"])
     for name, (basis, singular_values, table) in results.items():
         save_svd(outputs[name], name, basis, singular_values, table, settings)
+
+
+def simulate_observed_step(settings: Settings, fiducial_asd: str, asd_set: str, output: str) -> None:
+    """observed.h5: settings["simulated_events"] events of the embedded problem as an experiment records
+    them: parameters from their priors, each event measured with an ASD drawn from the ASD set, its noisy
+    unwhitened strain, and every parameter's truth as a label. settings: config.observed_simulation_settings."""
+    count, generator = settings["simulated_events"], seeds.generator(settings["seed"], "observed")
+    frequencies = frequency_grid(**settings["simulation"]["frequencies"])
+    detectors = Detectors(settings["detectors"])
+    simulator = StrainSimulator(frequencies, detectors, make_priors(settings["extrinsic_prior"]),
+                                read_asd_file(fiducial_asd, detectors.names, frequencies.numpy())[0],
+                                read_asd_file(asd_set, detectors.names, frequencies.numpy()), 1, "cpu")
+    intrinsic = sample_priors(make_priors(settings["intrinsic_prior"]), count, generator)
+    h_plus, h_cross = ringdown_polarisations(intrinsic["f0"], intrinsic["tau"], frequencies)
+    parameters, inputs, _, asds = simulator.draw(h_plus.to(torch.complex64), h_cross.to(torch.complex64), intrinsic,
+                                                 generator, "set")
+    strain = torch.complex(inputs[:, :, 0].double(), inputs[:, :, 1].double()) * asds.double()
+    write_observed_file(output, torch.arange(count).numpy(), frequencies=frequencies.numpy(),
+                        strain={d: strain[:, i].numpy() for i, d in enumerate(detectors.names)},
+                        asds={d: asds[:, i].double().numpy() for i, d in enumerate(detectors.names)},
+                        labels={k: v.double().numpy() for k, v in parameters.items()}, settings=settings)
+    log.info("wrote %s (%d events)", output, count)

@@ -71,6 +71,17 @@ class Trafo:
             inputs = torch.where(logs, torch.log(inputs.clamp_min(1e-30)), inputs)
         return ((inputs - self.input_mean.to(inputs.device)) / self.input_std.to(inputs.device)).to(torch.float32)
 
+    FIELDS = ("label_mean", "label_std", "log_labels", "input_mean", "input_std", "log_inputs")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The trafo as plain data (names and tensors), as a model file carries it."""
+        return {"names": list(self.names), **{k: getattr(self, k).clone() for k in self.FIELDS}}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "Trafo":
+        """The inverse of to_dict; tensors may come as nested lists."""
+        return cls(values["names"], *(values[k] for k in cls.FIELDS))
+
     def save(self, path: str | Path, settings: Settings) -> None:
         with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
             layouts.write_header(f, layouts.TRAFO, settings)

@@ -31,7 +31,7 @@ def split_files(split):
     key = f"{split}_data_file"
     if split == "trafo" and data[key] is None:
         key = "training_data_file"
-    return settings.resolve_files(data[key], key)
+    return settings.resolve_files(data[key], f"data.{key}")
 
 
 def asd_file(kind):
@@ -41,7 +41,7 @@ def asd_file(kind):
     if config["data"]["simulate"]:
         return str(RUN / "data" / f"{kind}.h5")
     key = f"{kind}_file"
-    return settings.resolve_file(config["data"][key], key)
+    return settings.resolve_file(config["data"][key], f"data.{key}")
 
 
 def svd_files():

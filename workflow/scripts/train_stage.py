@@ -25,6 +25,7 @@ in_cluster_job = "SLURM_JOB_ID" in os.environ or "_CONDOR_JOB_AD" in os.environ
 try:
     train_stage(settings, local, stage, inputs, outputs, snakemake.params.checkpoint_dir,
                 threads=snakemake.threads, planned_stages=snakemake.config["training"],
-                job_runtime=snakemake.resources.runtime if in_cluster_job else None, monitor=monitor)
+                job_runtime=snakemake.resources.runtime if in_cluster_job else None, monitor=monitor,
+                intrinsic_prior=snakemake.config["intrinsic_prior"])
 except StageStopped as stop:
     sys.exit(stop.exit_code)

@@ -60,25 +60,32 @@ class ImportanceSampler:
         self.simulator = simulator
         self.priors = make_priors({name: problem.priors[name] for name in self.names})
 
+    def log_prior(self, samples: torch.Tensor) -> torch.Tensor:
+        """log pi of samples float64 (S, P) in physical values: (S,), -inf outside the prior."""
+        log_prior = sum(self.priors[name].log_prob(samples[:, i]) for i, name in enumerate(self.names))
+        assert isinstance(log_prior, torch.Tensor)  # a sum of tensors: there is at least one inference parameter
+        return log_prior
+
+    def log_likelihood(self, samples: torch.Tensor, whitened_data: torch.Tensor, asd: torch.Tensor) -> torch.Tensor:
+        """log L of whitened data complex (D, F) measured with `asd` (D, F) at samples (S, P) inside the
+        prior (with the phase marginalised or fixed as the plan says): float64 (S,)."""
+        columns = {name: samples[:, i] for i, name in enumerate(self.names)}
+        parameters = {
+            name: columns[name] if how == "inferred" else torch.full((len(samples),), how, dtype=torch.float64)
+            for name, how in self.plan.items() if how != "marginalised"
+        }
+        if self.plan["phase"] == "marginalised":
+            return phase_marginalised_log_likelihood(whitened_data, parameters, self.simulator, asd).cpu()
+        return log_likelihood(whitened_data, parameters, self.simulator, asd).cpu()
+
     def log_weights(self, samples: torch.Tensor, log_q: torch.Tensor, whitened_data: torch.Tensor,
                     asd: torch.Tensor) -> torch.Tensor:
         """samples: float64 (S, P) physical values; log_q: (S,) network density in physical
         space; whitened_data: complex (D, F); asd: (D, F). Returns float64 (S,), -inf outside the prior."""
-        columns = {name: samples[:, i] for i, name in enumerate(self.names)}
-        log_prior = sum(self.priors[name].log_prob(columns[name]) for name in self.names)
-        assert isinstance(log_prior, torch.Tensor)  # a sum of tensors: there is at least one inference parameter
+        log_prior = self.log_prior(samples)
         inside = torch.isfinite(log_prior)
-        parameters = {
-            name: columns[name][inside] if how == "inferred" else torch.full((int(inside.sum()),), how,
-                                                                             dtype=torch.float64)
-            for name, how in self.plan.items() if how != "marginalised"
-        }
-        if self.plan["phase"] == "marginalised":
-            log_like = phase_marginalised_log_likelihood(whitened_data, parameters, self.simulator, asd)
-        else:
-            log_like = log_likelihood(whitened_data, parameters, self.simulator, asd)
         log_w = torch.full_like(log_prior, -math.inf)
-        log_w[inside] = log_like.cpu() + log_prior[inside] - log_q[inside]
+        log_w[inside] = self.log_likelihood(samples[inside], whitened_data, asd) + log_prior[inside] - log_q[inside]
         return log_w
 
 

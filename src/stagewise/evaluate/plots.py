@@ -56,11 +56,12 @@ def pp_plot(levels: np.ndarray, names: Sequence[str], pvalues: Mapping[str, floa
     _save(fig, path)
 
 
-def corner_plots(samples: np.ndarray, weights: np.ndarray | None, truths: np.ndarray, names: Sequence[str],
-                 path: str | Path) -> None:
+def corner_plots(samples: np.ndarray, weights: np.ndarray | None, truths: np.ndarray | None, names: Sequence[str],
+                 path: str | Path, titles: Sequence[str] | None = None) -> None:
     """A corner plot per event, side by side: network samples, IS-reweighted samples, truth.
 
-    samples (E, S, P); weights (E, S) summing to one per event, or None without IS; truths (E, P)."""
+    samples (E, S, P); weights (E, S) summing to one per event, or None without IS; truths (E, P) or
+    None when unknown; titles: one per event (default "test event <e>")."""
     events, num_samples, count = samples.shape
     if weights is not None:  # a fixed-seed resampling, only to show the reweighted samples as points
         rng = np.random.default_rng(0)
@@ -77,7 +78,8 @@ def corner_plots(samples: np.ndarray, weights: np.ndarray | None, truths: np.nda
                     continue
                 if r == c:
                     _marginal(ax, samples[e, :, c], None if weights is None else weights[e], ranges[c])
-                    ax.axvline(truths[e, c], color="C3")
+                    if truths is not None:
+                        ax.axvline(truths[e, c], color="C3")
                     ax.set_yticks([])
                 else:
                     ax.scatter(samples[e, :, c], samples[e, :, r], s=1, color="C0", alpha=0.2, rasterized=True)
@@ -85,15 +87,18 @@ def corner_plots(samples: np.ndarray, weights: np.ndarray | None, truths: np.nda
                         drawn = resampled[e]
                         ax.scatter(samples[e, drawn, c], samples[e, drawn, r], s=1, color="C1", alpha=0.2,
                                    rasterized=True)
-                    ax.plot(truths[e, c], truths[e, r], marker="x", color="C3", markersize=8)
+                    if truths is not None:
+                        ax.plot(truths[e, c], truths[e, r], marker="x", color="C3", markersize=8)
                     ax.set_xlim(ranges[c])
                     ax.set_ylim(ranges[r])
                     if c == 0:
                         ax.set_ylabel(names[r])
                 if r == count - 1:
                     ax.set_xlabel(names[c])
-        subfig.suptitle(f"test event {e}")
-    handles = [plt.Line2D([], [], color="C0", label="network"), plt.Line2D([], [], color="C3", label="truth")]
+        subfig.suptitle(f"test event {e}" if titles is None else titles[e])
+    handles = [plt.Line2D([], [], color="C0", label="network")]
+    if truths is not None:
+        handles.append(plt.Line2D([], [], color="C3", label="truth"))
     if weights is not None:
         handles.insert(1, plt.Line2D([], [], color="C1", label="importance-sampled"))
     fig.legend(handles=handles, loc="upper right")

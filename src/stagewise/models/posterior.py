@@ -1,5 +1,6 @@
 """The neural posterior estimator: an nflows neural spline flow conditioned on the embedding."""
 
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,10 @@ from torch.nn import functional as F
 
 from ..files import read_torch_file
 from .embedding import EmbeddingNet
+
+# nflows' LU layers call torch.triangular_solve, which torch deprecates with a long warning at every
+# first use; it is nflows' to change, and says nothing to a user.
+warnings.filterwarnings("ignore", message="torch.triangular_solve is deprecated", category=UserWarning)
 
 
 def spline_flow(num_parameters: int, context_dim: int, num_transforms: int, hidden_dim: int, num_blocks: int,
@@ -77,6 +82,14 @@ class PosteriorModel(nn.Module):
         """(B, num_samples, P) draws in network space, with their log q (B, num_samples)."""
         context = self.embedding(strain, asd_features)
         return self.flow.sample_and_log_prob(num_samples, context=context)
+
+
+    @torch.no_grad()
+    def from_noise(self, noise: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draws (S, P) in network space from base-distribution noise (S, P), given one event's embedded
+        data `context` (1, C), with their log q (S,): sample() with the noise drawn by the caller."""
+        z, log_abs_det = self.flow._transform.inverse(noise, context=context.expand(len(noise), -1))
+        return z, self.flow._distribution.log_prob(noise) - log_abs_det
 
 
 def load_flow_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[PosteriorModel, dict[str, Any]]:

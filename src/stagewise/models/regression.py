@@ -118,7 +118,7 @@ class RegressionModel(keras.Model):
 
     @info.setter
     def info(self, value: dict[str, Any]) -> None:
-        self._info = json.dumps(value)
+        self._info = json.dumps(value, default=lambda array: array.tolist())  # tensors (the inference bundle)
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "architecture": self.architecture, "info": self.info}

@@ -67,3 +67,10 @@ def phase_marginalised_log_likelihood(whitened_data: torch.Tensor, parameters: M
     phases = torch.arange(num_phases, dtype=torch.float64)[None] * (2 * math.pi / num_phases)
     values = log_likelihood_on_phases(whitened_data, parameters, simulator, asd, phases)
     return torch.logsumexp(values, dim=1) - math.log(num_phases)
+
+
+def noise_log_likelihood(whitened_data: torch.Tensor) -> float:
+    """log L of whitened data (D, F) under the noise-only hypothesis h = 0, normalised as log_likelihood:
+    the log noise evidence."""
+    d = whitened_data.to(torch.complex128)
+    return float(-0.5 * d.abs().square().sum() - d.numel() * math.log(2 * math.pi))

@@ -11,12 +11,12 @@ import pandas as pd
 import torch
 
 from .. import seeds
-from ..config import Problem, Settings, fingerprint, is_regression
+from ..config import PROBLEM_KEYS, Problem, Settings, fingerprint, is_regression
 from ..data import EpochBatches, EventBank
 from ..files import write_text
 from ..models.posterior import PosteriorModel, load_flow_model
 from ..provenance import provenance
-from ..sources import Source, make_source
+from ..sources import Source, inference_bundle, make_source
 from ..svd import load_svd
 from ..trafo import Trafo
 from . import checkpoints
@@ -192,14 +192,16 @@ def time_limit(local: Settings, job_runtime: int | None = None) -> float | None:
 
 def train_stage(settings: Settings, local: Settings, name: str, inputs: StageInputs, outputs: StageOutputs,
                 checkpoint_dir: str | Path, *, threads: int = 1, planned_stages: Settings | None = None,
-                job_runtime: int | None = None, monitor: Any = None) -> None:
+                job_runtime: int | None = None, monitor: Any = None, intrinsic_prior: Settings | None = None) -> None:
     """Train stage `name` (e.g. "stage_1") and write its model file and history.
 
     settings: config.stage_settings of the stage; local: the config's `local` section.
     planned_stages (the config's whole `training` section) is stored in the checkpoints for
     `stagewise ls` and `append-stage`; it is not part of the fingerprint.
     job_runtime: the cluster job's time limit in minutes (see time_limit), or None.
-    monitor: None or a monitor.Monitor that follows the epochs (TensorBoard, W&B)."""
+    monitor: None or a monitor.Monitor that follows the epochs (TensorBoard, W&B).
+    intrinsic_prior: the config's, for the inference bundle of the model file (the priors `infer`
+    weights with); like planned_stages, not part of the fingerprint."""
     torch.set_num_threads(threads)
     stage = StageSettings.from_settings(settings, name)
     device = torch.device(local["device"])
@@ -232,7 +234,10 @@ def train_stage(settings: Settings, local: Settings, name: str, inputs: StageInp
         time_limit(local, job_runtime), stage.training["stage_model"], monitor,
     )
     write_text(outputs.history, pd.DataFrame(history).to_csv(index=False))
+    problem = {"data": {k: settings["data"][k] for k in ("kind", "simulate")}, "intrinsic_prior": intrinsic_prior or {},
+               **{key: settings[key] for key in PROBLEM_KEYS}}
     backend.save(recipe, weights, outputs.model, dict(metadata, fingerprint=stage_fingerprint,
                                                       epoch=history[-1]["epoch"], weights_epoch=weights_epoch,
-                                                      history=history))
+                                                      history=history, inference=inference_bundle(problem, source,
+                                                                                                  trafo)))
     log.info("stage %s done: %s", name, outputs.model)
