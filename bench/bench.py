@@ -318,7 +318,7 @@ def svd_figure(config, files, repeats):
                               "mean_mismatch_at_size": mismatch, "shape": list(train.shape)}
 
 
-def inference_figures(config, files, training, folder, repeats, events=16, samples=2000):
+def inference_figures(config, files, training, folder, repeats, events=64, samples=2000):
     """(h) `infer` without importance sampling against the bare `model.sample` on the same events, both
     in samples/s (`infer_vs_sample`); and importance sampling's likelihood-and-prior evaluations/s over
     the bare sampling's samples/s (`importance_sampling_vs_sampling`). The model is the default's at

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pandas as pd
 import torch
 import yaml
 
@@ -49,9 +50,9 @@ def main():
                                                                                 "seed": config["seed"] + 1}
         simulate_observed_step(observation_settings, run / "data/fiducial_asd.h5", run / "data/asd_set.h5", observed)
         started = time.perf_counter()
-        table = infer(model, [observed], folder / "out", InferenceSettings(config["evaluation"]["num_samples"],
-                                                                          True, 64, 1))
+        infer(model, [observed], folder / "out", InferenceSettings(config["evaluation"]["num_samples"], True, 64, 1))
         seconds = time.perf_counter() - started
+        table = pd.read_csv(folder / "out/summary.csv")
         with h5py.File(folder / "out/posterior.h5") as f:
             names = list(config["inference_parameters"])
             samples = np.stack([f["samples"][n][()] for n in names], axis=-1)

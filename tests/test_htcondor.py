@@ -68,6 +68,8 @@ def test_pipeline_through_the_condor_profile_submits_what_it_should_and_resumes_
         rule = Path(submit["output"]).parent.name
         assert submit["output"].startswith(f".snakemake/htcondor/{rule}/") and submit["output"].endswith(".out")
         assert submit["error"].startswith(f".snakemake/htcondor/{rule}/") and submit["error"].endswith(".err")
+    infer_rule = by_rule["infer_set"][0]  # posteriors of the observed set: a CPU job here (local.device cpu)
+    assert "request_gpus" not in infer_rule and (cluster / "results/tiny/inference/simulated/posterior.h5").exists()
     assert "Hold reason: The job exceeded allowed job duration" in result.stdout + result.stderr
     assert "resuming from" in (cluster / "results/tiny/logs/train_stage_0.log").read_text()
 

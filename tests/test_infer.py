@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from helpers import planned_jobs, snakemake, tiny_config
+from stagewise import cli
 from stagewise.config import Problem, evaluation_settings
 from stagewise.evaluate.importance import ImportanceSampler, likelihood_plan
 from stagewise.infer import ImportanceWeights, InferenceModel, InferenceSettings, infer
@@ -38,6 +40,13 @@ def datasets(path):
 def stagewise(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "stagewise.cli", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd)
+
+
+def in_process(capsys, *args):
+    """`stagewise ARGS` run in this process (quicker than a new interpreter): (exit status, stderr)."""
+    capsys.readouterr()
+    code = cli.main([str(a) for a in args])
+    return SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
 
 
 def errors(result):
@@ -86,7 +95,8 @@ def test_the_rule_writes_posterior_summary_and_corner_of_the_simulated_set(tiny_
 
 def test_the_model_file_alone_gives_the_rules_posterior_h5(tiny_run, tmp_path):
     """The stage model and the observed file copied into an empty folder, with `stagewise infer`:
-    every dataset of posterior.h5 equals the rule's, bit for bit (events_per_batch differs too)."""
+    every dataset of posterior.h5 equals the rule's, bit for bit, and summary.csv too (events_per_batch
+    differs too)."""
     shutil.copy(tiny_run[0] / MODEL, tmp_path / "model.pt")
     shutil.copy(tiny_run[0] / OBSERVED, tmp_path / "events.h5")
     result = stagewise("infer", "model.pt", "events.h5", "--out", "out", "--num-samples", 200,
@@ -97,6 +107,8 @@ def test_the_model_file_alone_gives_the_rules_posterior_h5(tiny_run, tmp_path):
     assert ours.keys() == rules.keys()
     for name, values in rules.items():
         assert np.array_equal(ours[name], values, equal_nan=True), name
+    summary = (tiny_run[0] / RUN / "inference/simulated/summary.csv").read_text()
+    assert (tmp_path / "out/summary.csv").read_text() == summary
 
 
 def test_an_events_draws_depend_on_its_event_id_only(tiny_run, tmp_path):
@@ -196,31 +208,32 @@ BAD_FILES = {
 
 
 @pytest.mark.parametrize("case", BAD_FILES)
-def test_a_bad_observed_file_stops_with_one_line_and_writes_nothing(tiny_run, tmp_path, case):
+def test_a_bad_observed_file_stops_with_one_line_and_writes_nothing(tiny_run, tmp_path, case, capsys):
     """The NaN sits in the last event, read in the last batch (one event per batch): posterior.h5 is
     never left half-written."""
     change, message = BAD_FILES[case]
     bad = write_bad(tmp_path, observed_events(tiny_run[0] / OBSERVED), change)
-    result = stagewise("infer", tiny_run[0] / MODEL, bad, "--out", tmp_path / "out", "--events-per-batch", 1)
+    result = in_process(capsys, "infer", tiny_run[0] / MODEL, bad, "--out", tmp_path / "out", "--events-per-batch", 1)
     assert errors(result) == [f"stagewise infer: {bad}: {message}"]
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
 
-def test_a_file_of_another_kind_and_models_that_cannot_infer_stop_with_one_line(tiny_run, tmp_path):
+def test_a_file_of_another_kind_and_models_that_cannot_infer_stop_with_one_line(tiny_run, tmp_path, capsys):
     run = tiny_run[0] / RUN
-    result = stagewise("infer", run / "stage_1/model_stage_1.pt", run / "data/test_00.h5", "--out", tmp_path / "a")
+    result = in_process(capsys, "infer", run / "stage_1/model_stage_1.pt", run / "data/test_00.h5", "--out",
+                        tmp_path / "a")
     assert errors(result) == [f"stagewise infer: {run / 'data/test_00.h5'}: root attribute "
                                           "'stagewise_layout' must be 'observed/1', found 'events/1' (an event file "
                                           "for training, not observed data)"]
     checkpoint = run / "checkpoints/stage_1/model_latest.pt"
-    result = stagewise("infer", checkpoint, run / "data/observed.h5", "--out", tmp_path / "b")
+    result = in_process(capsys, "infer", checkpoint, run / "data/observed.h5", "--out", tmp_path / "b")
     assert errors(result) == [f"stagewise infer: {checkpoint}: a checkpoint, not a stage model: infer "
                                           "takes results/<run>/stage_<k>/model_stage_<k>.pt"]
     older = tmp_path / "older.pt"
     state = torch.load(run / "stage_1/model_stage_1.pt", weights_only=True)
     del state["inference"]
     torch.save(state, older)
-    result = stagewise("infer", older, run / "data/observed.h5", "--out", tmp_path / "c")
+    result = in_process(capsys, "infer", older, run / "data/observed.h5", "--out", tmp_path / "c")
     (line,) = errors(result)
     assert f"{older}: this model file carries no inference bundle (written before 2026-12)" in line
     assert not any((tmp_path / name).exists() and any((tmp_path / name).iterdir()) for name in "abc")

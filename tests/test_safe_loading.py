@@ -12,13 +12,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from helpers import snakemake
-from stagewise import files
+from stagewise import cli, files
 from stagewise.training import checkpoints
 
 STAGEWISE = [sys.executable, "-m", "stagewise.cli"]
@@ -51,8 +52,15 @@ def stagewise(*args):
     return subprocess.run([*STAGEWISE, *map(str, args)], capture_output=True, text=True)
 
 
+def in_process(capsys, *args):
+    """`stagewise ARGS` run in this process (quicker than a new interpreter): (exit status, stderr)."""
+    capsys.readouterr()
+    code = cli.main([str(a) for a in args])
+    return SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
+
+
 @pytest.mark.parametrize("command", ["ls", "plan", "convert", "append-stage"])
-def test_every_command_refuses_a_crafted_pickle_with_one_line_and_runs_nothing(crafted, command, tmp_path):
+def test_every_command_refuses_a_crafted_pickle_with_one_line_and_runs_nothing(crafted, command, tmp_path, capsys):
     path, marker = crafted
     stage = tmp_path / "stage.yaml"
     stage.write_text("epochs: 1\nbatch_size: 100\nasd: set\nfreeze_svd: false\n"
@@ -60,7 +68,7 @@ def test_every_command_refuses_a_crafted_pickle_with_one_line_and_runs_nothing(c
     out = tmp_path / "out.pt"
     args = {"ls": [path], "plan": [path], "convert": [path, out],
             "append-stage": ["--checkpoint", path, "--stage-settings", stage, "--out", out]}[command]
-    result = stagewise(command, *args)
+    result = in_process(capsys, command, *args)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [f"stagewise {command}: {path}: {REFUSED}; a stagewise file holds only "
                                           "tensors, numbers, strings, lists and dicts, and nothing from this one "
@@ -105,7 +113,7 @@ def test_writing_an_object_the_safe_loader_would_refuse_fails_and_leaves_no_file
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_file_of_an_earlier_version_names_the_conversion_which_keeps_every_value(tmp_path):
+def test_a_file_of_an_earlier_version_names_the_conversion_which_keeps_every_value(tmp_path, capsys):
     """The old writer: torch.save of numpy arrays and scalars (numpy random state, Keras weights)."""
     np.random.seed(3)
     old_state = {"fingerprint": "f", "stage": "stage_0", "random_states": {"numpy": np.random.get_state()},
@@ -113,12 +121,12 @@ def test_a_file_of_an_earlier_version_names_the_conversion_which_keeps_every_val
     old, new = tmp_path / "old.pt", tmp_path / "new.pt"
     torch.save(old_state, old)
 
-    result = stagewise("ls", old)
+    result = in_process(capsys, "ls", old)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [f"stagewise ls: {old}: written by an earlier stagewise version (it holds "
                                           f"numpy arrays); convert it (this runs nothing from the file): "
                                           f"stagewise convert {old} NEW"]
-    result = stagewise("convert", old, new)
+    result = in_process(capsys, "convert", old, new)
     assert result.returncode == 0, result.stderr
     converted = files.read_torch_file(new, "fingerprint")
     assert torch.equal(converted["random_states"]["numpy"][1], torch.from_numpy(old_state["random_states"]["numpy"][1]))

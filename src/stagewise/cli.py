@@ -43,8 +43,8 @@ def _infer(args: argparse.Namespace) -> None:
 
     settings = InferenceSettings(args.num_samples, not args.no_importance_sampling, args.events_per_batch,
                                  args.num_plot_events)
-    table = infer(args.model, args.events, args.out, settings, args.device)
-    print(f"{args.out}: posterior.h5 and summary.csv of {len(table)} events")
+    count = infer(args.model, args.events, args.out, settings, args.device)
+    print(f"{args.out}: posterior.h5 and summary.csv of {count} events")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -198,9 +198,10 @@ def _events(files: Sequence[ObservedFile], size: int) -> Iterator[dict[str, Any]
 
 
 def infer(model_path: str | Path, event_files: Sequence[str | Path], outdir: str | Path,
-          settings: InferenceSettings, device: str | torch.device = "cpu") -> pd.DataFrame:
+          settings: InferenceSettings, device: str | torch.device = "cpu") -> int:
     """Write posterior.h5, summary.csv and (flow) corner.png of the events in `event_files` to
-    `outdir`; return the summary. Every file is checked against the model before anything is written."""
+    `outdir`; return the number of events. Every file is checked against the model before anything
+    is written; both files are written to temporary files, renamed when every event is done."""
     model = InferenceModel(model_path, device)
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -213,36 +214,32 @@ def infer(model_path: str | Path, event_files: Sequence[str | Path], outdir: str
         skipped = ImportanceWeights.skipped(model) if settings.importance_sampling else "switched off"
         if settings.importance_sampling and skipped:
             log.warning("importance sampling skipped: %s", skipped)
-        weigh = skipped is None
-        importance = ImportanceWeights(model) if weigh else None
-        with atomic_path(outdir / "posterior.h5") as tmp, h5py.File(tmp, "w") as out:
-            writer = _Writer(out, model, settings, len(ids), labels, weigh)
+        importance = None if skipped else ImportanceWeights(model)
+        with atomic_path(outdir / "posterior.h5") as tmp, h5py.File(tmp, "w") as out, \
+                atomic_path(outdir / "summary.csv") as summary:
+            writer = _Writer(out, summary, model, settings, len(ids), labels, importance is not None)
             if skipped:
                 out.attrs["importance_sampling_skipped"] = skipped
             for block in tqdm(_events(files, settings.events_per_batch), desc="infer",
                               total=sum(math.ceil(f.num_events / settings.events_per_batch) for f in files),
                               mininterval=5):
                 writer.write(block, importance)
-            table = writer.summary()
-        with atomic_path(outdir / "summary.csv") as tmp:
-            table.to_csv(tmp, index=False)
         if model.kind == "flow":
             writer.corner(outdir / "corner.png")
     finally:
         for f in files:
             f.close()
     log.info("%d events inferred with %s: %s", len(ids), model_path, outdir)
-    return table
+    return len(ids)
 
 
 class _Writer:
-    """Fills posterior.h5 block by block and keeps the summary rows and the first events for plots."""
+    """Fills posterior.h5 and summary.csv block by block, and keeps the first events for the plots."""
 
-    def __init__(self, out: h5py.File, model: InferenceModel, settings: InferenceSettings, num_events: int,
-                 labels: Sequence[str], weigh: bool) -> None:
-        self.out, self.model, self.settings, self.labels, self.weigh = out, model, settings, labels, weigh
+    def __init__(self, out: h5py.File, summary: Path, model: InferenceModel, settings: InferenceSettings,
+                 num_events: int, labels: Sequence[str], weigh: bool) -> None:
+        self.out, self.summary, self.model, self.settings, self.labels = out, summary, model, settings, labels
         self.done = 0
-        self.rows: list[dict[str, Any]] = []
         self.shown: list[tuple[int, np.ndarray, np.ndarray | None, list[float] | None]] = []
         self.seed = model.bundle.problem.seed or 0
         layouts.write_header(out, layouts.POSTERIOR, {"inference": settings.__dict__, "model": model.path,
@@ -272,13 +269,14 @@ class _Writer:
         for name in self.labels:
             out[f"labels/{name}"][start:start + n] = block["labels"][name]
         base: list[dict[str, Any]] = [{"event_id": int(i)} for i in block["event_id"]]
+        rows: list[dict[str, Any]] = []
         true_columns = [{f"{k}_true": float(block["labels"][k][j]) for k in self.labels} for j in range(n)]
         if model.kind == "gaussian_regression":
             predictions = model.predict(inputs, features)
             for column, values in predictions.items():
                 out[f"predictions/{column}"][start:start + n] = values
-            self.rows += [row | {k: float(v[j]) for k, v in predictions.items()} | true_columns[j]
-                          for j, row in enumerate(base)]
+            rows = [row | {k: float(v[j]) for k, v in predictions.items()} | true_columns[j]
+                    for j, row in enumerate(base)]
         else:
             for j in range(n):
                 samples, log_q = model.posterior(inputs[j:j + 1], features[j:j + 1], block["event_id"][j],
@@ -299,15 +297,13 @@ class _Writer:
                 for i, name in enumerate(model.names):
                     values = weighted_quantiles(samples[:, i].numpy(), weights, list(QUANTILES.values()))
                     row |= {f"{name}_{q}": float(v) for q, v in zip(QUANTILES, values, strict=True)}
-                self.rows.append(row | evidence | true_columns[j])
+                rows.append(row | evidence | true_columns[j])
                 if len(self.shown) < self.settings.num_plot_events:
                     truths = [float(block["labels"][k][j]) for k in model.names] if set(model.names) <= set(
                         self.labels) else None
                     self.shown.append((int(block["event_id"][j]), samples.numpy(), weights, truths))
+        pd.DataFrame(rows).to_csv(self.summary, mode="a", header=start == 0, index=False)
         self.done += n
-
-    def summary(self) -> pd.DataFrame:
-        return pd.DataFrame(self.rows)
 
     def corner(self, path: Path) -> None:
         """Corner plots of the first num_plot_events events: network samples, reweighted ones, truths."""
