@@ -59,7 +59,7 @@ def in_process(capsys, *args):
     return SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
 
 
-@pytest.mark.parametrize("command", ["ls", "plan", "convert", "append-stage"])
+@pytest.mark.parametrize("command", ["ls", "plan", "convert", "append-stage", "infer"])
 def test_every_command_refuses_a_crafted_pickle_with_one_line_and_runs_nothing(crafted, command, tmp_path, capsys):
     path, marker = crafted
     stage = tmp_path / "stage.yaml"
@@ -67,7 +67,8 @@ def test_every_command_refuses_a_crafted_pickle_with_one_line_and_runs_nothing(c
                      "optimizer: {type: adam, learning_rate: 1.0e-4}\nscheduler: {type: cosine}\n")
     out = tmp_path / "out.pt"
     args = {"ls": [path], "plan": [path], "convert": [path, out],
-            "append-stage": ["--checkpoint", path, "--stage-settings", stage, "--out", out]}[command]
+            "append-stage": ["--checkpoint", path, "--stage-settings", stage, "--out", out],
+            "infer": [path, tmp_path / "events.h5", "--out", out]}[command]
     result = in_process(capsys, command, *args)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [f"stagewise {command}: {path}: {REFUSED}; a stagewise file holds only "
