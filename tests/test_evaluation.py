@@ -230,22 +230,26 @@ def test_report_opens_in_headless_chromium_with_every_figure_its_caption_and_the
     try:
         page = browser.open_page((workdir / "results/tiny/report.html").as_uri())
         browser.wait_for(page, "document.readyState === 'complete' && typeof results !== 'undefined'")
-        browser.wait_for(page, "document.querySelector('#app').innerText.includes('Results')")
+        browser.wait_for(page, "document.querySelector('#app').innerText.includes('Inference')")
         sizes = browser.evaluate(page, IMAGE_SIZES)
         entries = browser.evaluate(page, REPORT_DATA)
         screenshot = base64.b64decode(browser.send("Page.captureScreenshot", page)["data"])
     finally:
         browser.close()
 
-    evaluation = "results/tiny/evaluation"
+    evaluation, inference = "results/tiny/evaluation", "results/tiny/inference/simulated"
     plots = ("loss_curves", "pp_plot", "corner", "pulls", "svd_mismatch", "label_distributions")
-    assert set(sizes) == {f"{evaluation}/{plot}.png" for plot in plots}
+    assert set(sizes) == {f"{evaluation}/{plot}.png" for plot in plots} | {f"{inference}/corner.png"}
     for path, size in sizes.items():
         assert isinstance(size, list) and min(size) > 100, (path, size)
-    assert set(entries) == {f"{evaluation}/{plot}.png" for plot in plots} | {f"{evaluation}/metrics.html"}
-    for name in (*plots, "metrics"):
-        path = f"{evaluation}/{name}.{'html' if name == 'metrics' else 'png'}"
-        assert visible_text(entries[path]["caption"]) == caption_text(name), path
+    assert set(entries) == {f"{evaluation}/{plot}.png" for plot in plots} | {f"{evaluation}/metrics.html"} | {
+        f"{inference}/corner.png", f"{inference}/summary.csv"}
+    captions = {f"{evaluation}/{name}.{'html' if name == 'metrics' else 'png'}": caption_text(name)
+                for name in (*plots, "metrics")}
+    for path, name in ((f"{inference}/corner.png", "infer_corner"), (f"{inference}/summary.csv", "summary")):
+        captions[path] = caption_text(name).replace("{{ snakemake.wildcards.set }}", "simulated")
+    for path, caption in captions.items():
+        assert visible_text(entries[path]["caption"]) == caption, path
 
     table = html_table_rows(entries[f"{evaluation}/metrics.html"]["data"])
     metrics = flat_metrics(json.loads((workdir / evaluation / "metrics.json").read_text()))

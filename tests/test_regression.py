@@ -21,9 +21,11 @@ import torch
 import yaml
 
 from helpers import REPO, planned_jobs, snakemake, training_process, wait_for
+from stagewise import cli
 
+# No simulated observed set of its own: the inference test reads the flow run's (tiny_run).
 REGRESSION = {"run": "tiny_regression", "model": {"type": "gaussian_regression", "label_weight_dict": {"snr": 0.5}},
-              "evaluation": {"compare_runs": ["tiny"]},
+              "evaluation": {"compare_runs": ["tiny"]}, "inference": {"simulated_events": 0},
               "training": {"stage_0": {"epochs": 4, "batch_size": 10}}}
 RUN = "results/tiny_regression"
 
@@ -68,7 +70,7 @@ def regression_run(tiny_run, tmp_path_factory):
 @pytest.mark.slow
 def test_regression_runs_through_the_same_stages_and_writes_keras_models(regression_run):
     workdir, _, jobs = regression_run
-    assert jobs == {"train_stage_0", "train_stage_1", "evaluate", "simulate_observed", "infer_set", "all"}
+    assert jobs == {"train_stage_0", "train_stage_1", "evaluate", "all"}
     run = workdir / RUN
     for stage in ("stage_0", "stage_1"):
         assert (run / stage / f"model_{stage}.keras").exists()
@@ -85,10 +87,14 @@ def test_regression_runs_through_the_same_stages_and_writes_keras_models(regress
 
 
 @pytest.mark.slow
-def test_regression_infers_a_mean_and_an_uncertainty_per_label_of_each_observed_event(regression_run):
-    """dnn_reco's apply step: `<label>` and `<label>_uncertainty` per event, in physical units, no samples."""
+def test_regression_infers_a_mean_and_an_uncertainty_per_label_of_each_observed_event(regression_run, tmp_path,
+                                                                                     capsys):
+    """dnn_reco's apply step: `<label>` and `<label>_uncertainty` per event, in physical units, no samples;
+    the regression's weights in a .pt file are refused with one line."""
     workdir, _, _ = regression_run
-    folder = workdir / RUN / "inference/simulated"
+    folder, observed = tmp_path / "inference", workdir / "results/tiny/data/observed.h5"
+    assert cli.main(["infer", str(workdir / RUN / "stage_1/model_stage_1.keras"), str(observed), "--out",
+                     str(folder)]) == 0
     with h5py.File(folder / "posterior.h5") as f:
         assert f.attrs["model_type"] == "gaussian_regression" and "samples" not in f
         assert f.attrs["importance_sampling_skipped"] == "gaussian_regression has no samples"
@@ -101,6 +107,11 @@ def test_regression_infers_a_mean_and_an_uncertainty_per_label_of_each_observed_
     table = pd.read_csv(folder / "summary.csv")
     assert list(table.columns[:3]) == ["event_id", "f0", "f0_uncertainty"] and "f0_true" in table.columns
     assert not (folder / "corner.png").exists()
+
+    best = workdir / RUN / "checkpoints/stage_1/model_best.pt"  # the regression's weights in a .pt file
+    code = cli.main(["infer", str(best), str(observed), "--out", str(tmp_path / "out")])
+    assert code == 2 and capsys.readouterr().err.splitlines()[-1] == (
+        f"stagewise infer: {best}: not a flow model (a gaussian_regression stage model is a .keras file)")
 
 
 @pytest.mark.slow

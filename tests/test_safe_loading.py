@@ -36,16 +36,20 @@ class Payload:
         return os.system, (f"touch {self.marker}",)
 
 
-@pytest.fixture(params=["torch zip", "bare pickle"])
-def crafted(request, tmp_path):
-    """(a crafted model file, the marker its unpickling would create): torch.save's format, or a bare pickle."""
-    marker, path = tmp_path / "pwned_by_model_file", tmp_path / "evil.pt"
+def craft(folder, kind):
+    """(a crafted model file, the marker its unpickling would create) in torch.save's format or as a bare pickle."""
+    marker, path = folder / "pwned_by_model_file", folder / "evil.pt"
     state = {"fingerprint": "0" * 16, "stage": "stage_0", "model": Payload(marker)}
-    if request.param == "torch zip":
+    if kind == "torch zip":
         torch.save(state, path)
     else:
         path.write_bytes(pickle.dumps(state, protocol=4))
     return path, marker
+
+
+@pytest.fixture(params=["torch zip", "bare pickle"])
+def crafted(request, tmp_path):
+    return craft(tmp_path, request.param)
 
 
 def stagewise(*args):
@@ -150,10 +154,10 @@ def test_a_keras_model_with_a_lambda_layer_is_refused_by_safe_mode(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_crafted_checkpoint_and_a_crafted_warm_start_stop_the_stage_and_run_nothing(crafted, tiny_run, tmp_path):
+def test_a_crafted_checkpoint_and_a_crafted_warm_start_stop_the_stage_and_run_nothing(tiny_run, tmp_path):
     """Real Snakemake runs: stage 1 resuming from the crafted file as model_latest.pt, then stage 0
-    warm-starting from it."""
-    path, marker = crafted
+    warm-starting from it. (Both file kinds reach the same reader, tested above for every command.)"""
+    path, marker = craft(tmp_path, "torch zip")
     workdir = Path(shutil.copytree(tiny_run[0], tmp_path / "workdir", symlinks=True))
     folder = workdir / "results/tiny/checkpoints/stage_1"
     shutil.copy(path, folder / checkpoints.LATEST)

@@ -216,7 +216,7 @@ def test_a_second_run_with_the_same_seed_stopped_after_every_epoch_gives_the_sam
     jobs each stop after one epoch (exit 75, a failed attempt) and resume from model_latest.pt: the
     same model tensor for tensor, the same metrics.json number for number, the same plots byte for byte."""
     workdir = copy_workflow(tmp_path)
-    limited = {"local": {"runtime_limits": {"max_epochs_per_run": 1}}}
+    limited = {"local": {"runtime_limits": {"max_epochs_per_run": 1}}, "inference": {"simulated_events": 0}}
     attempts = 0
     while snakemake(workdir, overrides=limited, check=False).returncode != 0:
         attempts += 1
