@@ -197,11 +197,14 @@ def test_a_config_change_plans_exactly_the_steps_it_touches(tiny_run, overrides,
          "training.stage_1.optimizer.dampening: Keras' SGD has no dampening"),
         ({"training": {"stage_0": {"scheduler": {"type": "cosine", "gamma": 0.5}}}},
          "training.stage_0.scheduler.gamma: not an argument of scheduler type 'cosine'"),
+        ({"inference": {"sets": {"mine": "nowhere/*.h5"}}}, "inference.sets.mine: the pattern 'nowhere/*.h5' matches "
+         "no file"),
+        ({"inference": {"sets": {"simulated": ["x.h5"]}}}, "config key inference.sets"),
     ],
     ids=["unknown key", "unknown nested key", "wrong type", "unknown distribution", "unknown parameter", "empty glob",
          "missing asd file", "levels per detector", "prior bounds", "shuffle buffer", "label weight name",
          "ema with regression", "compare with itself", "warm start later stage", "log label not inferred",
-         "dampening with regression", "scheduler argument"],
+         "dampening with regression", "scheduler argument", "empty inference set", "set named simulated"],
 )
 def test_an_invalid_config_stops_the_run_naming_the_key(tmp_path, overrides, message):
     result = snakemake(copy_workflow(tmp_path), "-n", overrides=overrides, check=False)
