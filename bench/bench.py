@@ -353,7 +353,7 @@ def inference_figures(config, files, training, folder, repeats, events=64, sampl
         bare_rates.append(events * samples / (time.perf_counter() - start))
         ratios.append(infer_rates[-1] / bare_rates[-1])
         draws, log_q = model.posterior(inputs[:1], features[:1], 0, samples, seed=repeat)
-        weigh = ImportanceWeights(model)
+        weigh, _ = ImportanceWeights.for_model(model)
         start = time.perf_counter()
         weigh(draws, log_q, whitened[0], torch.as_tensor(block["asds"][0]))
         weighing_rates.append(samples / (time.perf_counter() - start))

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import yaml
 from snakemake.utils import update_config
@@ -105,3 +106,12 @@ def training_process(workdir):
                 and "set -euo" not in cmdline):
             return int(proc.name)
     return None
+
+
+def in_process(capsys, *args):
+    """`stagewise ARGS` run in this process (quicker than a new interpreter): (exit status, stderr)."""
+    from stagewise import cli
+
+    capsys.readouterr()
+    code = cli.main([str(a) for a in args])
+    return SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)

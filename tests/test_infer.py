@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -14,8 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import planned_jobs, snakemake, tiny_config
-from stagewise import cli
+from helpers import in_process, planned_jobs, snakemake, tiny_config
 from stagewise.config import Problem, evaluation_settings
 from stagewise.evaluate.importance import ImportanceSampler, likelihood_plan
 from stagewise.infer import ImportanceWeights, InferenceModel, InferenceSettings, infer
@@ -42,11 +40,6 @@ def stagewise(*args, cwd=None):
                           cwd=cwd)
 
 
-def in_process(capsys, *args):
-    """`stagewise ARGS` run in this process (quicker than a new interpreter): (exit status, stderr)."""
-    capsys.readouterr()
-    code = cli.main([str(a) for a in args])
-    return SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
 
 
 def errors(result):
@@ -138,7 +131,8 @@ def test_infer_weighs_with_the_log_likelihood_and_prior_of_evaluate(tiny_run):
     inputs, features, whitened = model.prepare(block)
     samples, log_q = model.posterior(inputs[:1], features[:1], 0, 300, seed=1)
     asd = torch.as_tensor(block["asds"][0])
-    per_sample, _ = ImportanceWeights(model)(samples, log_q, whitened[0], asd)
+    weigh, _ = ImportanceWeights.for_model(model)
+    per_sample, _ = weigh(samples, log_q, whitened[0], asd)
 
     config = tiny_config()
     problem = Problem.from_settings(evaluation_settings(config))

@@ -12,14 +12,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import snakemake
-from stagewise import cli, files
+from helpers import in_process, snakemake
+from stagewise import files
 from stagewise.training import checkpoints
 
 STAGEWISE = [sys.executable, "-m", "stagewise.cli"]
@@ -56,11 +55,6 @@ def stagewise(*args):
     return subprocess.run([*STAGEWISE, *map(str, args)], capture_output=True, text=True)
 
 
-def in_process(capsys, *args):
-    """`stagewise ARGS` run in this process (quicker than a new interpreter): (exit status, stderr)."""
-    capsys.readouterr()
-    code = cli.main([str(a) for a in args])
-    return SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("command", ["ls", "plan", "convert", "append-stage", "infer"])

@@ -175,11 +175,6 @@ EARLIER_NAMES = {"numpy.ndarray", "numpy.dtype", *(f"numpy.dtypes.{t.__name__}" 
                  *(name for _, name in _MULTIARRAY)}
 
 
-def _written_before(name):
-    """Whether `name` is one of the numpy objects in files of earlier versions."""
-    return name in EARLIER_NAMES
-
-
 def _refusal(path, err):
     """The error for a file that torch's weights_only loader refused with `err`: UnsafeFile naming the
     objects it would have built, or ValueError when it names none (a damaged file)."""
@@ -187,7 +182,7 @@ def _refusal(path, err):
         objects = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # not torch's zip format: a bare pickle
         objects = _pickle_globals(path) or re.findall(r"GLOBAL (\S+)", str(err))
-    if objects and all(_written_before(o) for o in objects):
+    if objects and set(objects) <= EARLIER_NAMES:
         return OldFormat(f"{path}: written by an earlier stagewise version (it holds numpy arrays); convert it "
                          f"(this runs nothing from the file): stagewise convert {path} NEW")
     if not objects:  # nothing named: damaged rather than unsafe

@@ -144,21 +144,21 @@ class InferenceModel:
 class ImportanceWeights:
     """Dingo-IS of one event's samples: log prior, log likelihood, weights and the evidences."""
 
-    def __init__(self, model: InferenceModel) -> None:
+    def __init__(self, model: InferenceModel, plan: dict[str, Any]) -> None:
         problem = model.bundle.problem
-        plan, _ = likelihood_plan(problem)
-        assert plan is not None  # see skipped()
         missing = [name for name in problem.inference_parameters if name not in problem.priors]
         if missing:
             raise ValueError(f"{model.path}: no prior for {missing} in the model file: importance sampling needs one")
         assert model.bundle.simulator is not None  # a likelihood means signals
         self.sampler = ImportanceSampler(problem, plan, model.bundle.simulator)
 
-    @staticmethod
-    def skipped(model: InferenceModel) -> str | None:
-        """Why importance sampling cannot run for this model, or None when it can."""
-        return "gaussian_regression has no samples" if model.kind != "flow" else likelihood_plan(
-            model.bundle.problem)[1]
+    @classmethod
+    def for_model(cls, model: InferenceModel) -> tuple["ImportanceWeights | None", str | None]:
+        """(the weigher, None), or (None, why importance sampling cannot run for this model)."""
+        if model.kind != "flow":
+            return None, "gaussian_regression has no samples"
+        plan, reason = likelihood_plan(model.bundle.problem)
+        return (None, reason) if plan is None else (cls(model, plan), None)
 
     def __call__(self, samples: torch.Tensor, log_q: torch.Tensor, whitened: torch.Tensor,
                  asd: torch.Tensor) -> tuple[dict[str, np.ndarray], dict[str, float]]:
@@ -211,10 +211,10 @@ def infer(model_path: str | Path, event_files: Sequence[str | Path], outdir: str
         if len(np.unique(ids)) != len(ids):
             raise ValueError(f"{', '.join(map(str, event_files))}: an event_id appears twice across the files")
         labels = sorted(set.intersection(*(set(f.label_names) for f in files)))
-        skipped = ImportanceWeights.skipped(model) if settings.importance_sampling else "switched off"
+        importance, skipped = ImportanceWeights.for_model(model) if settings.importance_sampling else \
+            (None, "switched off")
         if settings.importance_sampling and skipped:
             log.warning("importance sampling skipped: %s", skipped)
-        importance = None if skipped else ImportanceWeights(model)
         with atomic_path(outdir / "posterior.h5") as tmp, h5py.File(tmp, "w") as out, \
                 atomic_path(outdir / "summary.csv") as summary:
             writer = _Writer(out, summary, model, settings, len(ids), labels, importance is not None)
