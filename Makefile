@@ -8,7 +8,7 @@ TORCH_PIN := torch==2.13.0
 CORES ?= 2
 RUN := default
 
-.PHONY: setup run lint test test-fast bench bench-infer dag clean
+.PHONY: setup run lint test test-fast bench bench-infer bench-gnpe dag clean
 
 setup: $(VENV)/.installed
 
@@ -44,6 +44,10 @@ bench: setup
 # Needs a finished `make run`: infer calibration and efficiency on 200 new labelled events.
 bench-infer: setup
 	CONDOR_CONFIG=/dev/null $(BIN)/python bench/infer_calibration.py
+
+# Needs a finished free-time run (config/free_time.yaml): GNPE's efficiency against fixed Gibbs iterations.
+bench-gnpe: setup
+	CONDOR_CONFIG=/dev/null $(BIN)/python bench/gnpe_iterations.py
 
 dag: setup
 	CONDOR_CONFIG=/dev/null $(BIN)/snakemake --dag | dot -Tsvg > docs/dag.svg

@@ -12,8 +12,9 @@ import shutil
 
 import pytest
 import torch
+import yaml
 
-from helpers import tiny_config
+from helpers import REPO, tiny_config
 from stagewise import config as settings
 from stagewise.simulate.files import simulate
 from stagewise.steps import build_svd_step, fit_trafo_step
@@ -90,6 +91,7 @@ CHANGES = {
     "training.stage_0.scheduler": {"type": "constant"},
     "training.stage_0.warm_start": "results/other/stage_0/model_stage_0.pt",
     "training.stage_0.ema_decay": 0.99,
+    "gnpe": yaml.safe_load((REPO / "config/free_time.yaml").read_text())["gnpe"],
 }
 SAME = {
     "run": "other",
@@ -148,6 +150,20 @@ def test_local_settings_and_other_steps_settings_leave_the_stage_fingerprint_as_
     before = settings.fingerprint(settings.stage_settings(config, "stage_0"), paths)
     after = settings.fingerprint(settings.stage_settings(changed(config, key, SAME[key]), "stage_0"), paths)
     assert after == before
+
+
+@pytest.mark.parametrize("key, value, same", [
+    ("kernel", 0.002, False), ("iterations", {"min": 1, "max": 9, "ks_pvalue": 0.2}, True),
+    ("init", {"embedding": {"hidden_dims": [8], "output_dim": 4}}, True),
+])
+def test_of_gnpe_only_the_kernel_enters_the_stage_fingerprint(config, tmp_path, key, value, same):
+    """The kernel shapes what the stages learn; the init network and the Gibbs bounds do not (the init
+    network travels in the stage model files, and the bounds are for sampling)."""
+    paths = files(tmp_path, INPUTS)
+    gnpe = changed(config, "gnpe", CHANGES["gnpe"])
+    before = settings.fingerprint(settings.stage_settings(gnpe, "stage_0"), paths)
+    after = settings.fingerprint(settings.stage_settings(changed(gnpe, f"gnpe.{key}", value), "stage_0"), paths)
+    assert (after == before) == same
 
 
 # --- StageInputs.fingerprinted_files: which files' bytes count ---

@@ -47,6 +47,9 @@ def describe_model(path: str | Path) -> str:
         "fingerprint": state["fingerprint"],
         "inference bundle": "yes (`stagewise infer` needs no other file)" if state.get("inference") else "no",
     }
+    gnpe = (state.get("inference") or {}).get("gnpe")
+    if gnpe:
+        progress["gnpe"] = f"kernel {gnpe['kernel']} s, with its init network (the time alone)"
     history = state.get("history", [])
     last = {k: round(v, 6) if isinstance(v, float) else v for k, v in history[-1].items()} if history else "none"
     parts = [

@@ -56,14 +56,18 @@ def schema_error(instance: Any, spec: Settings) -> str | None:
 def validate(config: Settings) -> None:
     """Check `config` completely (the schema, then what the schema cannot say) and fill in the
     defaults of the stages' optional keys; ValueError with one line naming the key otherwise."""
+    config.setdefault("gnpe", None)
     error = schema_error(config, schema())
     if error is not None:
         raise ValueError(f"config key {error} (schema {resources.files('stagewise') / 'config.schema.yaml'})")
     for stage in config["training"].values():
         fill_stage_defaults(stage)
+    if config["gnpe"] is not None:
+        fill_stage_defaults(config["gnpe"]["init"]["training"])
     check_problem(config)
     check_training(config)
     check_data(config)
+    check_gnpe(config)
 
 
 def stage_from_file(path: str | Path) -> Settings:
@@ -205,6 +209,31 @@ def check_regression(config: Settings) -> None:
                              "(model.type gaussian_regression)")
 
 
+def check_gnpe(config: Settings) -> None:
+    """GNPE aligns signals in time: the arrival time is inferred, its prior is wider than the kernel, and the
+    flow draws the samples; the iteration bounds are ordered."""
+    gnpe = config["gnpe"]
+    if gnpe is None:
+        return
+    if config["data"]["kind"] != "signals":
+        raise ValueError("gnpe: aligns signals in time; set gnpe: null for observations")
+    if is_regression(config):
+        raise ValueError("gnpe: needs model.type flow (Gibbs sampling draws from the posterior)")
+    if "time" not in config["inference_parameters"]:
+        raise ValueError("gnpe: 'time' must be in inference_parameters (GNPE infers the arrival time)")
+    prior = config["extrinsic_prior"].get("time", {})
+    width = prior.get("high", 0.0) - prior.get("low", 0.0) if prior.get("distribution") == "uniform" else 0.0
+    if not gnpe["kernel"] < width / 2:
+        raise ValueError(f"gnpe.kernel: {gnpe['kernel']} s must be below half the width of extrinsic_prior.time "
+                         "(a uniform prior)")
+    if gnpe["init"]["training"]["freeze_svd"]:
+        raise ValueError("gnpe.init.training.freeze_svd: the init network has no SVD layer (its basis would not "
+                         "fit unaligned signals): set it to false")
+    iterations = gnpe["iterations"]
+    if iterations["min"] > iterations["max"]:
+        raise ValueError(f"gnpe.iterations.min: {iterations['min']} exceeds max ({iterations['max']})")
+
+
 def check_data(config: Settings) -> None:
     """The kind of data fits the SVD and trafo settings; streaming fits the memory limit."""
     data = config["data"]
@@ -241,6 +270,7 @@ class Problem:
     priors: Settings  # {name: prior spec} of every parameter that can be inferred
     extrinsic_prior: Settings  # signals: drawn for every sample, never read from the files
     detectors: Settings
+    gnpe_kernel: float | None  # GNPE: the half-width (s) of the proxies' uniform kernel; None without GNPE
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Problem":
@@ -248,7 +278,7 @@ class Problem:
         extrinsic = {} if observations else settings.get("extrinsic_prior", {})
         return cls(observations, settings["data"]["simulate"], settings.get("seed"),
                    tuple(settings["inference_parameters"]), {**settings.get("intrinsic_prior", {}), **extrinsic},
-                   extrinsic, settings.get("detectors", {}))
+                   extrinsic, settings.get("detectors", {}), (settings.get("gnpe") or {}).get("kernel"))
 
     @property
     def label_names(self) -> list[str]:
@@ -322,6 +352,14 @@ def file_digest(path: str | Path) -> str:
 PROBLEM_KEYS = ("seed", "detectors", "extrinsic_prior", "inference_parameters")
 
 
+INIT_STAGE = "init"  # GNPE: the network of the initial time proxies, trained as a stage of this name
+
+
+def _gnpe(config: Settings, *keys: str) -> Settings:
+    """{"gnpe": the named keys of config `gnpe`}, or nothing without GNPE (fingerprints stay as before)."""
+    return {} if config.get("gnpe") is None else {"gnpe": {key: config["gnpe"][key] for key in keys}}
+
+
 def _pick(config: Settings, keys: tuple[str, ...]) -> Settings:
     """The named sections, plus the kind of data (and whether it is simulated), which every step after
     `simulate` reads."""
@@ -343,21 +381,35 @@ def simulation_settings(config: Settings) -> Settings:
 
 
 def trafo_settings(config: Settings) -> Settings:
-    return _pick(config, (*PROBLEM_KEYS, "trafo"))
+    return _pick(config, (*PROBLEM_KEYS, "trafo")) | _gnpe(config, "kernel")
 
 
 def svd_settings(config: Settings) -> Settings:
-    return _pick(config, (*PROBLEM_KEYS, "svd"))
+    return _pick(config, (*PROBLEM_KEYS, "svd")) | _gnpe(config, "kernel")
 
 
 def stage_settings(config: Settings, stage: str) -> Settings:
     settings = _pick(config, (*PROBLEM_KEYS, "model")) | {"training": {stage: config["training"][stage]}}
     settings["data"]["shuffle"] = config["data"]["shuffle"]
+    return settings | _gnpe(config, "kernel")
+
+
+def init_settings(config: Settings) -> Settings:
+    """GNPE's init network as a stage of its own: it infers the arrival time alone from the data as
+    measured (no proxies), with gnpe.init's embedding, flow and training, and no SVD layer (the basis
+    is fitted to aligned signals)."""
+    init = config["gnpe"]["init"]
+    settings = _pick(config, PROBLEM_KEYS) | {
+        "inference_parameters": ["time"], "model": {**config["model"], "embedding": init["embedding"],
+                                                    "flow": init["flow"]},
+        "training": {INIT_STAGE: init["training"]}}
+    settings["data"]["shuffle"] = config["data"]["shuffle"]
     return settings
 
 
 def evaluation_settings(config: Settings) -> Settings:
-    return _pick(config, (*PROBLEM_KEYS, "intrinsic_prior", "model", "training", "evaluation"))
+    return _pick(config, (*PROBLEM_KEYS, "intrinsic_prior", "model", "training", "evaluation")) | _gnpe(
+        config, "kernel", "iterations")
 
 
 def resolve_file(path: str | None, key: str) -> str:
@@ -390,8 +442,10 @@ SIMULATED_SET = "simulated"  # the observed set that data.simulate writes (infer
 
 
 def inference_settings(config: Settings) -> Settings:
-    """The keys that shape each set's posterior.h5 (not `sets`: a set's files are its rule's input)."""
-    return {key: config["inference"][key] for key in INFERENCE_KEYS}
+    """The keys that shape each set's posterior.h5 (not `sets`: a set's files are its rule's input), and
+    with GNPE the bounds of its Gibbs iterations."""
+    return {key: config["inference"][key] for key in INFERENCE_KEYS} | (
+        {} if config.get("gnpe") is None else {"gnpe_iterations": config["gnpe"]["iterations"]})
 
 
 def observed_simulation_settings(config: Settings) -> Settings:

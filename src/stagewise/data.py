@@ -6,7 +6,7 @@ every sample the extrinsic parameters are drawn from their prior, the polarisati
 projected onto the detectors, scaled to the drawn network SNR (defined with the fiducial
 ASD), whitened by an ASD (the fiducial one, or one drawn from the ASD set) and fresh white
 noise is added. All of it runs on the training device, in the order: extrinsic
-parameters, ASD indices, noise.
+parameters, ASD indices, noise; with GNPE then the time proxies (see StrainSimulator.align).
 """
 
 import logging
@@ -34,11 +34,22 @@ def band_matrix(num_bins: int, num_bands: int) -> np.ndarray:
     return matrix
 
 
+def shift_time(inputs: torch.Tensor, dt: torch.Tensor, frequencies: torch.Tensor) -> torch.Tensor:
+    """Frequency-domain data (B, D, 2, F) (real and imaginary parts) moved later in time by dt (B,) in s:
+    each bin times exp(-2 pi i f dt), the phase worked out in float64. A signal simulated at time t comes
+    out as the one simulated at t + dt, and white noise stays white noise of the same distribution."""
+    data = torch.view_as_complex(inputs.transpose(-1, -2).contiguous())
+    shifted = data * Detectors.time_shift(dt, frequencies, inputs.dtype)[:, None]
+    return torch.view_as_real(shifted).transpose(-1, -2)
+
+
 class StrainSimulator:
     """Whitened noisy detector data (B, D, 2, F) from polarisations (B, F).
 
     fiducial_asd: (D, F); asd_set: (M, D, F) or None. ASD features are the band
     averages of log(ASD / fiducial ASD), (B, D * num_asd_bands): zero for the fiducial ASD.
+    gnpe_kernel: with GNPE, the half-width (s) of the uniform kernel of the time proxies; batches
+    (__call__) are then aligned to them (align), while draw() gives the data as measured.
     """
 
     device: torch.device
@@ -52,11 +63,13 @@ class StrainSimulator:
     num_asd_features: int
     set_features: torch.Tensor | None  # (M, D * num_asd_bands), the ASD features of asd_set
     offset_over_fiducial: torch.Tensor  # complex128 (D, F)
+    gnpe_kernel: float | None
 
     def __init__(self, frequencies: np.ndarray | torch.Tensor, detectors: Detectors, extrinsic_priors: dict[str, Prior],
                  fiducial_asd: np.ndarray | torch.Tensor, asd_set: np.ndarray | torch.Tensor | None, num_asd_bands: int,
-                 device: str | torch.device) -> None:
+                 device: str | torch.device, gnpe_kernel: float | None = None) -> None:
         self.device = torch.device(device)
+        self.gnpe_kernel = gnpe_kernel
         self.frequencies = torch.as_tensor(frequencies, dtype=torch.float64, device=self.device)
         self.detectors = detectors
         self.extrinsic_priors = extrinsic_priors
@@ -93,8 +106,26 @@ class StrainSimulator:
     def __call__(self, h_plus: torch.Tensor, h_cross: torch.Tensor, intrinsic: Mapping[str, torch.Tensor | np.ndarray],
                  generator: torch.Generator,
                  asd: str = "fiducial") -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """One batch: (parameters {name: float64 (B,)}, inputs float32 (B, D, 2, F), asd_features (B, A))."""
-        return self.draw(h_plus, h_cross, intrinsic, generator, asd)[:3]
+        """One batch: (parameters {name: float64 (B,)}, inputs float32 (B, D, 2, F), asd_features (B, A)),
+        aligned to GNPE proxies when the simulator has a kernel."""
+        parameters, inputs, features, _ = self.draw(h_plus, h_cross, intrinsic, generator, asd)
+        if self.gnpe_kernel is not None:
+            parameters, inputs = self.align(parameters, inputs, generator)
+        return parameters, inputs, features
+
+    def proxies(self, time: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """GNPE proxies t_hat = time + eps, eps uniform on [-gnpe_kernel, gnpe_kernel]: float64 (B,)."""
+        assert self.gnpe_kernel is not None  # proxies exist only with GNPE
+        eps = torch.rand(len(time), generator=generator, dtype=torch.float64, device=self.device)
+        return time.to(self.device, torch.float64) + self.gnpe_kernel * (2 * eps - 1)
+
+    def align(self, parameters: Mapping[str, torch.Tensor], inputs: torch.Tensor,
+              generator: torch.Generator) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """GNPE: draw a proxy t_hat for every sample, move its data by -t_hat and make its time label the
+        offset time - t_hat, which is what the network infers. Returns (parameters, inputs)."""
+        proxies = self.proxies(parameters["time"], generator)
+        shifted = shift_time(inputs, -proxies, self.frequencies)
+        return {**parameters, "time": parameters["time"] - proxies}, shifted
 
     def draw(self, h_plus: torch.Tensor, h_cross: torch.Tensor, intrinsic: Mapping[str, torch.Tensor | np.ndarray],
              generator: torch.Generator,

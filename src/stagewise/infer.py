@@ -12,21 +12,25 @@ posterior.h5 (layout "posterior/1")::
 
     /event_id                (N,)
     /samples/<parameter>     (N, S) physical values      flow only
-    /samples/log_prob        (N, S) log q in physical units
+    /samples/log_prob        (N, S) log q in physical units (GNPE: log r(t_hat) + log q; NaN without
+                                                          importance sampling, where Gibbs samples have no density)
     /samples/log_prior, log_likelihood, weights (N, S)    with importance sampling: weights have mean 1,
                                                           0 outside the prior (log_likelihood NaN there)
+    /samples/time_proxy, delta_log_prob_target (N, S)     GNPE: the proxy t_hat and log kernel(t_hat - t)
     /events/<column>         (N,) n_eff, efficiency, log_evidence, log_evidence_std, log_noise_evidence,
                              log_bayes_factor             with importance sampling
+    /events/gnpe_iterations, gnpe_ks_pvalue, outside_kernel_fraction, edge_fraction (N,)   GNPE
     /predictions/<label>, <label>_uncertainty  (N,)      gaussian_regression
     /labels/<name>           (N,) the truth, when the observed files hold it
 """
 
+import dataclasses
 import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import h5py
 import numpy as np
@@ -37,6 +41,7 @@ from tqdm import tqdm
 from . import layouts, seeds
 from .config import Settings
 from .evaluate import plots
+from .evaluate.gnpe import GibbsSettings, GNPESampler
 from .evaluate.importance import ImportanceSampler, likelihood_plan, summary
 from .files import atomic_path, read_torch_file
 from .models.posterior import PosteriorModel
@@ -49,6 +54,7 @@ SAMPLE_BLOCK = 4096  # samples per pass through the flow and the likelihood: fix
 QUANTILES = {"q05": 0.05, "median": 0.5, "q95": 0.95}
 EVIDENCE_COLUMNS = ("n_eff", "efficiency", "log_evidence", "log_evidence_std", "log_noise_evidence",
                     "log_bayes_factor")
+GNPE_COLUMNS = ("gnpe_iterations", "gnpe_ks_pvalue", "outside_kernel_fraction", "edge_fraction")
 
 
 @dataclass(frozen=True)
@@ -59,10 +65,24 @@ class InferenceSettings:
     importance_sampling: bool = True
     events_per_batch: int = 64
     num_plot_events: int = 3
+    gnpe_iterations: GibbsSettings = GibbsSettings()  # models with GNPE: the bounds of the Gibbs iterations
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "InferenceSettings":
-        return cls(**{key: settings[key] for key in cls.__dataclass_fields__})
+        """From config.inference_settings."""
+        values = {key: settings[key] for key in cls.__dataclass_fields__ if key in settings}
+        if "gnpe_iterations" in values:
+            values["gnpe_iterations"] = GibbsSettings(**values["gnpe_iterations"])
+        return cls(**values)
+
+
+class EventPosterior(NamedTuple):
+    """One event's samples, as posterior.h5 stores them."""
+
+    samples: torch.Tensor  # float64 (S, P) physical values
+    log_q: torch.Tensor  # (S,) what importance weights divide by: log q, or with GNPE log q - delta_log_prob_target
+    columns: dict[str, torch.Tensor]  # /samples/<name> (S,) each: log_prob, and with GNPE the proxy columns
+    events: dict[str, float]  # /events/<name>: with GNPE the GNPE_COLUMNS
 
 
 class InferenceModel:
@@ -89,6 +109,12 @@ class InferenceModel:
         self.state = state
         self.bundle = Bundle.read(state.get("inference"), self.path, self.device)
         self.names = list(self.bundle.problem.inference_parameters)
+        self.gnpe = self.bundle.gnpe is not None
+
+    def gnpe_sampler(self, iterations: GibbsSettings) -> GNPESampler:
+        assert self.bundle.gnpe is not None and self.bundle.simulator is not None  # a model with GNPE
+        return GNPESampler.from_bundle(self.network, self.bundle.trafo, self.bundle.gnpe,
+                                       self.bundle.simulator.frequencies, iterations)
 
     def open(self, path: str | Path) -> ObservedFile:
         """An observed-data file, checked against this model."""
@@ -109,6 +135,24 @@ class InferenceModel:
         asds = torch.as_tensor(block["asds"], device=self.device)
         features = torch.cat([simulator.asd_features(asd[None]) for asd in asds])  # one by one: no batch effect
         return trafo.inputs_to_network(inputs), features, whitened
+
+    def gnpe_posterior(self, sampler: GNPESampler, whitened: torch.Tensor, features: torch.Tensor, event_id: int,
+                       num_samples: int, seed: int, weigh: bool) -> EventPosterior:
+        """One event's GNPE samples from its whitened data (D, F): the Gibbs samples, or when they are to be
+        weighed those of the pass with the proxy density (GNPESampler)."""
+        generator = seeds.generator(seed, "infer", int(event_id), device=self.device)
+        chains = sampler.gibbs(whitened.to(self.device), features, num_samples, generator)
+        events = {"gnpe_iterations": chains.iterations, "gnpe_ks_pvalue": chains.ks_pvalue,
+                  **sampler.edge_fractions(chains.offsets)}
+        if not weigh:
+            unknown = torch.full((num_samples,), math.nan, dtype=torch.float64)
+            used = (chains.samples[:, sampler.time] - chains.offsets).cpu()  # the proxies of the last iteration
+            columns = {"log_prob": unknown, "time_proxy": used, "delta_log_prob_target": unknown}
+            return EventPosterior(chains.samples.cpu(), unknown, columns, events)
+        draw = sampler.importance_draw(whitened.to(self.device), features, chains.proxies, generator)
+        columns = {"log_prob": draw.log_prob.cpu(), "time_proxy": draw.proxies.cpu(),
+                   "delta_log_prob_target": draw.delta_log_prob_target.cpu()}
+        return EventPosterior(draw.samples.cpu(), (draw.log_prob - draw.delta_log_prob_target).cpu(), columns, events)
 
     @torch.no_grad()
     def posterior(self, inputs: torch.Tensor, features: torch.Tensor, event_id: int, num_samples: int,
@@ -242,7 +286,8 @@ class _Writer:
         self.done = 0
         self.shown: list[tuple[int, np.ndarray, np.ndarray | None, list[float] | None]] = []
         self.seed = model.bundle.problem.seed or 0
-        layouts.write_header(out, layouts.POSTERIOR, {"inference": settings.__dict__, "model": model.path,
+        self.gnpe = model.gnpe_sampler(settings.gnpe_iterations) if model.gnpe else None
+        layouts.write_header(out, layouts.POSTERIOR, {"inference": dataclasses.asdict(settings), "model": model.path,
                                                        "model_fingerprint": model.state["fingerprint"],
                                                        "problem": model.bundle.settings})
         out.attrs["model_type"] = model.kind
@@ -251,10 +296,11 @@ class _Writer:
             out.create_dataset(f"labels/{name}", (num_events,), dtype=np.float64)
         shape, chunks = (num_events, settings.num_samples), (1, settings.num_samples)
         if model.kind == "flow":
-            columns = [*model.names, "log_prob", *(("log_prior", "log_likelihood", "weights") if weigh else ())]
+            columns = [*model.names, "log_prob", *(("time_proxy", "delta_log_prob_target") if model.gnpe else ()),
+                       *(("log_prior", "log_likelihood", "weights") if weigh else ())]
             for name in columns:
                 out.create_dataset(f"samples/{name}", shape, dtype=np.float64, chunks=chunks)
-            for name in EVIDENCE_COLUMNS if weigh else ():
+            for name in (EVIDENCE_COLUMNS if weigh else ()) + (GNPE_COLUMNS if model.gnpe else ()):
                 out.create_dataset(f"events/{name}", (num_events,), dtype=np.float64)
         else:
             for name in model.names:
@@ -279,20 +325,23 @@ class _Writer:
                     for j, row in enumerate(base)]
         else:
             for j in range(n):
-                samples, log_q = model.posterior(inputs[j:j + 1], features[j:j + 1], block["event_id"][j],
-                                                 self.settings.num_samples, self.seed)
-                weights, evidence = None, {}  # type: tuple[np.ndarray | None, dict[str, float]]
+                event = self.event_posterior(inputs[j:j + 1], features[j:j + 1], whitened, j, block["event_id"][j],
+                                             importance is not None)
+                samples, weights, evidence = event.samples, None, dict(event.events)
                 for i, name in enumerate(model.names):
                     out[f"samples/{name}"][start + j] = samples[:, i].numpy()
-                out["samples/log_prob"][start + j] = log_q.numpy()
+                for name, per_draw in event.columns.items():
+                    out[f"samples/{name}"][start + j] = per_draw.numpy()
                 if importance is not None:
                     assert whitened is not None  # importance sampling means signals
-                    per_sample, evidence = importance(samples, log_q, whitened[j], torch.as_tensor(block["asds"][j]))
+                    per_sample, weighed = importance(samples, event.log_q, whitened[j],
+                                                     torch.as_tensor(block["asds"][j]))
                     for name, values in per_sample.items():
                         out[f"samples/{name}"][start + j] = values
-                    for name, value in evidence.items():
-                        out[f"events/{name}"][start + j] = value
+                    evidence |= weighed
                     weights = per_sample["weights"]
+                for name, value in evidence.items():
+                    out[f"events/{name}"][start + j] = value
                 row = base[j]
                 for i, name in enumerate(model.names):
                     values = weighted_quantiles(samples[:, i].numpy(), weights, list(QUANTILES.values()))
@@ -304,6 +353,17 @@ class _Writer:
                     self.shown.append((int(block["event_id"][j]), samples.numpy(), weights, truths))
         pd.DataFrame(rows).to_csv(self.summary, mode="a", header=start == 0, index=False)
         self.done += n
+
+    def event_posterior(self, inputs: torch.Tensor, features: torch.Tensor, whitened: torch.Tensor | None, j: int,
+                        event_id: int, weigh: bool) -> EventPosterior:
+        """The samples of event j of a block: inputs (1, ...), features (1, A), the block's whitened data."""
+        settings, model = self.settings, self.model
+        if self.gnpe is not None:
+            assert whitened is not None  # GNPE means signals
+            return model.gnpe_posterior(self.gnpe, whitened[j], features, event_id, settings.num_samples, self.seed,
+                                        weigh)
+        samples, log_q = model.posterior(inputs, features, event_id, settings.num_samples, self.seed)
+        return EventPosterior(samples, log_q, {"log_prob": log_q}, {})
 
     def corner(self, path: Path) -> None:
         """Corner plots of the first num_plot_events events: network samples, reweighted ones, truths."""

@@ -55,16 +55,20 @@ class Prior:
             density = torch.zeros_like(x)
         return torch.where(inside, density, torch.full_like(x, -math.inf))
 
+    def mean(self) -> float:
+        """Mean of the prior."""
+        if self.distribution == "loguniform":
+            return (self.high - self.low) / math.log(self.high / self.low)
+        return (self.low + self.high) / 2
+
     def std(self) -> float:
         """Standard deviation of the prior."""
         if self.distribution == "fixed":
             return 0.0
         if self.distribution == "uniform":
             return (self.high - self.low) / math.sqrt(12)
-        log_ratio = math.log(self.high / self.low)
-        mean = (self.high - self.low) / log_ratio
-        second = (self.high**2 - self.low**2) / (2 * log_ratio)
-        return math.sqrt(second - mean**2)
+        second = (self.high**2 - self.low**2) / (2 * math.log(self.high / self.low))
+        return math.sqrt(second - self.mean() ** 2)
 
 
 def make_priors(specs: dict[str, dict[str, Any]]) -> dict[str, Prior]:

@@ -43,7 +43,7 @@ def make_simulator(problem: Problem, event_file: str, fiducial_asd_file: str | N
     fiducial = read_asd_file(fiducial_asd_file, detectors.names, frequencies)[0]
     asd_set = None if asd_set_file is None else read_asd_file(asd_set_file, detectors.names, frequencies)
     return StrainSimulator(frequencies, detectors, make_priors(problem.extrinsic_prior), fiducial, asd_set,
-                           num_asd_bands, torch.device(device))
+                           num_asd_bands, torch.device(device), problem.gnpe_kernel)
 
 
 class Source:
@@ -161,6 +161,7 @@ class Bundle:
     trafo: Trafo
     simulator: StrainSimulator | None  # signals; None for observations
     num_inputs: int  # K for observations; 2F for signals
+    gnpe: dict[str, Any] | None = None  # GNPE: {kernel, init: {architecture, model, trafo}} (stage.gnpe_bundle)
 
     @classmethod
     def read(cls, values: Mapping[str, Any] | None, path: str, device: str | torch.device = "cpu") -> "Bundle":
@@ -182,4 +183,4 @@ class Bundle:
         simulator = StrainSimulator(frequencies, Detectors(problem.detectors), make_priors(problem.extrinsic_prior),
                                     torch.as_tensor(values["fiducial_asd"]), None, int(values["num_asd_bands"]),
                                     device)
-        return cls(problem, settings, trafo, simulator, 2 * len(frequencies))
+        return cls(problem, settings, trafo, simulator, 2 * len(frequencies), values.get("gnpe"))

@@ -23,10 +23,14 @@ PERCENTILES = (50, 90, 99, 99.9)
 
 def whitened_signal_vectors(simulator: Any, trafo: Any, h_plus: torch.Tensor, h_cross: torch.Tensor,
                             generator: torch.Generator) -> torch.Tensor:
-    """Unit-norm real vectors (N, D, 2F) of noise-free whitened, standardised signals."""
+    """Unit-norm real vectors (N, D, 2F) of noise-free whitened, standardised signals (with GNPE aligned to
+    their proxies, as the network sees them)."""
     extrinsic = sample_priors(simulator.extrinsic_priors, h_plus.shape[0], generator)
     whitened = simulator.whitened_signals(h_plus, h_cross, extrinsic)
-    real = torch.view_as_real(whitened).transpose(-1, -2).to(torch.float64)
+    real = torch.view_as_real(whitened).transpose(-1, -2)
+    if simulator.gnpe_kernel is not None:
+        real = simulator.align(extrinsic, real, generator)[1]
+    real = real.to(torch.float64)
     real = (real / trafo.input_std.to(real)).flatten(2)
     return real / torch.linalg.vector_norm(real, dim=-1, keepdim=True)
 

@@ -19,6 +19,9 @@ ENV = "../../envs/stagewise.yaml"
 TRAINING_JOB = config["local"]["training_job"]
 PROBLEM = settings.Problem.from_settings(config)
 SVD_NAMES = settings.svd_names(config)
+GNPE = config["gnpe"] is not None
+INIT = settings.INIT_STAGE
+TRAINED = ([INIT] if GNPE else []) + STAGES
 
 
 def split_files(split):
@@ -60,3 +63,16 @@ def stage_model(stage):
 
 def log_file(name):
     return str(RUN / "logs" / f"{name}.log")
+
+
+def stage_inputs(stage):
+    """What a stage reads besides the training and validation events and the ASDs."""
+    if stage == INIT:  # no SVD layer, no previous stage
+        return dict(svd=[], previous=[], init=[], warm_start=[])
+    index = STAGES.index(stage)
+    return dict(
+        svd=svd_files(),
+        previous=[stage_model(STAGES[index - 1])] if index else [],
+        init=[stage_model(INIT)] if GNPE else [],
+        warm_start=[path for path in [config["training"][stage]["warm_start"]] if path],
+    )

@@ -34,6 +34,18 @@ if not settings.is_regression(config):
             for name in ("pp_plot", "corner")
         },
     )
+if GNPE:
+    EVALUATION_OUTPUTS.update(
+        gnpe=EVALUATION / "gnpe.csv",
+        **{
+            name: report(
+                EVALUATION / f"{name}.png",
+                caption=f"../report/{name}.rst",
+                category="Evaluation",
+            )
+            for name in ("gnpe_iterations", "time_posterior")
+        },
+    )
 
 
 rule evaluate:

@@ -1,22 +1,19 @@
-# One rule per stage of config["training"]: train_stage_0, train_stage_1, ...
-# Checkpoints live in results/<run>/checkpoints/<stage>/, outside the declared
-# outputs, so Snakemake never deletes them when a job fails.
-for index, stage in enumerate(STAGES):
+# One rule per stage of config["training"]: train_stage_0, train_stage_1, ...; with GNPE first
+# train_init, the network of the initial time proxies, whose model file every stage model carries
+# (TRAINED, stage_inputs: common.smk). Checkpoints live in results/<run>/checkpoints/<stage>/,
+# outside the declared outputs, so Snakemake never deletes them when a job fails.
+for stage in TRAINED:
 
     rule:
         name:
             f"train_{stage}"
         input:
+            **stage_inputs(stage),
             trafo=rules.fit_trafo.output[0],
-            svd=svd_files(),
             training=split_files("training"),
             validation=split_files("validation"),
             fiducial_asd=asd_file("fiducial_asd"),
             asd_set=asd_file("asd_set"),
-            previous=([stage_model(STAGES[index - 1])] if index else []),
-            warm_start=[
-                path for path in [config["training"][stage]["warm_start"]] if path
-            ],
         output:
             model=stage_model(stage),
             history=stage_dir(stage) / "history.csv",
@@ -33,7 +30,11 @@ for index, stage in enumerate(STAGES):
             runtime=TRAINING_JOB["runtime"],  # SLURM, minutes
             allowed_job_duration=TRAINING_JOB["runtime"] * 60,  # HTCondor, seconds
         params:
-            settings=settings.stage_settings(config, stage),
+            settings=(
+                settings.init_settings(config)
+                if stage == INIT
+                else settings.stage_settings(config, stage)
+            ),
             stage=stage,
             checkpoint_dir=RUN / "checkpoints" / stage,
             tensorboard_dir=RUN / "tensorboard" / stage,

@@ -16,9 +16,11 @@ monitor = Monitor(snakemake.params.tensorboard_dir, stage, local["wandb"], snake
                   {**settings, "local": local})
 inputs = StageInputs(
     training_files=list(snakemake.input.training), validation_files=list(snakemake.input.validation),
-    trafo=snakemake.input.trafo, svd=dict(zip(svd_names(snakemake.config), snakemake.input.svd, strict=True)),
+    trafo=snakemake.input.trafo,
+    svd=dict(zip(svd_names(snakemake.config), snakemake.input.svd, strict=True)) if snakemake.input.svd else {},
     fiducial_asd=snakemake.input.fiducial_asd or None, asd_set=snakemake.input.asd_set or None,
     previous_model=snakemake.input.previous[0] if snakemake.input.previous else None,
+    init_model=snakemake.input.init[0] if snakemake.input.init else None,
 )
 outputs = StageOutputs(model=snakemake.output.model, history=snakemake.output.history)
 in_cluster_job = "SLURM_JOB_ID" in os.environ or "_CONDOR_JOB_AD" in os.environ

@@ -105,6 +105,37 @@ def corner_plots(samples: np.ndarray, weights: np.ndarray | None, truths: np.nda
     _save(fig, path)
 
 
+def time_posteriors(times: np.ndarray, weights: np.ndarray | None, truths: np.ndarray, path: str | Path) -> None:
+    """The arrival time's posterior of a few events, in microseconds from the truth: times (E, S), weights
+    (E, S) summing to one per event or None, truths (E,)."""
+    events = len(times)
+    fig, axes = plt.subplots(1, events, figsize=(3.4 * events, 3), squeeze=False)
+    for e, ax in enumerate(axes[0]):
+        offsets = (times[e] - truths[e]) * 1e6
+        _marginal(ax, offsets, None if weights is None else weights[e], np.quantile(offsets, [0.005, 0.995]))
+        ax.axvline(0.0, color="C3")
+        ax.set(xlabel="time - true time (us)", title=f"test event {e}")
+        ax.set_yticks([])
+    _save(fig, path)
+
+
+def gnpe_iterations(table: pd.DataFrame, path: str | Path) -> None:
+    """Importance-sampling efficiency of each injection against the Gibbs iterations it took (a histogram
+    of the iterations when nothing was weighed)."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    if "efficiency" in table:
+        ax.scatter(table["iterations"], 100 * table["efficiency"], s=10, alpha=0.6)
+        medians = table.groupby("iterations")["efficiency"].median()
+        ax.plot(medians.index, 100 * medians.values, "o-", color="C1", label="median")
+        ax.set(yscale="log", ylabel="importance-sampling efficiency (%)")
+        ax.legend(fontsize="small")
+    else:
+        ax.hist(table["iterations"], bins=list(np.arange(0.5, table["iterations"].max() + 1.5)), color="C0")
+        ax.set(ylabel="injections")
+    ax.set(xlabel="Gibbs iterations (chosen per injection)", title="GNPE: iterations and efficiency")
+    _save(fig, path)
+
+
 def _marginal(ax, values, weights, value_range):
     bins = np.linspace(*value_range, 41)
     ax.hist(values, bins=bins, density=True, histtype="step", color="C0")

@@ -24,6 +24,7 @@ from ..svd import load_svd
 from ..trafo import Trafo
 from . import plots
 from .calibration import combined_pvalue, credible_levels, gaussian_summary, ks_pvalues
+from .gnpe import GibbsSettings, GNPESampler
 from .importance import (
     ImportanceSampler,
     efficiency_quantiles,
@@ -116,11 +117,24 @@ def flow_metrics(settings: Settings, inputs: EvaluationInputs, trafo: Trafo, dev
     problem, evaluation = Problem.from_settings(settings), settings["evaluation"]
     names = settings["inference_parameters"]
     features = test.injections.asd_features
-    with torch.no_grad():
-        test_loss = float(model.loss(test.theta, test.network_inputs, features))
-    torch.manual_seed(seeds.derived_seed(settings["seed"], "evaluation", "sampling"))
-    samples, log_q, mean_network, std_network = posterior_samples(model, trafo, test.network_inputs, features,
-                                                                  evaluation["num_samples"])
+    test_loss = flow_test_loss(model, trafo, test, settings["seed"])
+    gnpe_table, sampler = None, None
+    if problem.gnpe_kernel is None:
+        torch.manual_seed(seeds.derived_seed(settings["seed"], "evaluation", "sampling"))
+        samples, log_q, mean_network, std_network = posterior_samples(model, trafo, test.network_inputs, features,
+                                                                      evaluation["num_samples"])
+        draws = samples, log_q
+    else:
+        assert isinstance(test.source, SignalSource)  # GNPE aligns signals
+        sampler = GNPESampler.from_bundle(model, trafo, state["inference"]["gnpe"], test.source.simulator.frequencies,
+                                          GibbsSettings(**settings["gnpe"]["iterations"]))
+        weigh = likelihood_plan(problem)[0] is not None
+        samples, weighable, gnpe_table = gnpe_posteriors(sampler, test, evaluation["num_samples"], settings["seed"],
+                                                         weigh)
+        draws = weighable if weighable is not None else (samples, torch.zeros(samples.shape[:2], dtype=torch.float64))
+        # the trafo is affine in each label (or its log): the pulls are those of physical space
+        z = trafo.labels_to_network({name: samples[..., i] for i, name in enumerate(names)})
+        mean_network, std_network = z.mean(1), z.std(1)
     levels = credible_levels(samples.numpy(), test.truths)
     pvalues = ks_pvalues(levels, names)
     priors = make_priors(problem.priors)
@@ -136,15 +150,72 @@ def flow_metrics(settings: Settings, inputs: EvaluationInputs, trafo: Trafo, dev
         "per_label": gaussian_summary(names, test.theta.cpu().numpy(), mean_network.numpy(), std_network.numpy(),
                                       test.truths, samples.mean(1).numpy()),
     }
-    metrics["importance_sampling"], weights = importance_sampling(problem, test, samples, log_q, outdir)
+    metrics["importance_sampling"], weights = importance_sampling(problem, test, *draws, outdir)
     log.info("test loss %.4f, P-P KS p-values %s, importance sampling %s", test_loss, pvalues,
              metrics["importance_sampling"])
     plots.pp_plot(levels, names, pvalues, outdir / "pp_plot.png")
     shown = evaluation["num_plot_events"]
-    plots.corner_plots(samples.numpy()[:shown], None if weights is None else weights[:shown], test.truths[:shown],
-                       names, outdir / "corner.png")
+    plotted = (draws[0] if weights is not None else samples).numpy()[:shown]  # the weighted samples, when weighed
+    plots.corner_plots(plotted, None if weights is None else weights[:shown], test.truths[:shown], names,
+                       outdir / "corner.png")
+    if sampler is not None and gnpe_table is not None:
+        metrics["gnpe"] = gnpe_report(gnpe_table, sampler, outdir)
+        time = names.index("time")
+        plots.time_posteriors(plotted[:, :, time], None if weights is None else weights[:shown],
+                              test.truths[:shown, time], outdir / "time_posterior.png")
     pulls = (mean_network.numpy() - test.theta.cpu().numpy()) / std_network.numpy()
     return metrics, pulls, test
+
+
+def flow_test_loss(model: PosteriorModel, trafo: Trafo, test: TestSet, seed: int) -> float:
+    """-log q of the test injections' labels; with GNPE of the data and labels aligned to proxies drawn as
+    in training."""
+    theta, inputs = test.theta, test.network_inputs
+    simulator = getattr(test.source, "simulator", None)
+    if simulator is not None and simulator.gnpe_kernel is not None:
+        generator = seeds.generator(seed, "evaluation", "gnpe_loss", device=inputs.device)
+        parameters, aligned = simulator.align(test.injections.parameters, test.injections.inputs, generator)
+        theta, inputs = trafo.labels_to_network(parameters), trafo.inputs_to_network(aligned)
+    with torch.no_grad():
+        return float(model.loss(theta, inputs, test.injections.asd_features))
+
+
+def gnpe_posteriors(sampler: GNPESampler, test: TestSet, num_samples: int, seed: int,
+                    weigh: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, pd.DataFrame]:
+    """(Gibbs samples (N, S, P), the importance-sampling pass (samples (N, S, P), log q - delta (N, S)) or
+    None when not `weigh`, a table per injection: iterations, last KS p-value, edge fractions)."""
+    data, features = test.injections.whitened_data, test.injections.asd_features
+    assert data is not None  # GNPE means signals
+    samples, weighable, log_q, rows = [], [], [], []
+    for i in tqdm(range(len(data)), desc="GNPE sampling", mininterval=5):
+        generator = seeds.generator(seed, "evaluation", "gnpe", i, device=data.device)
+        chains = sampler.gibbs(data[i], features[i:i + 1], num_samples, generator)
+        samples.append(chains.samples.cpu())
+        rows.append({"injection": i, "iterations": chains.iterations, "ks_pvalue": chains.ks_pvalue,
+                     **sampler.edge_fractions(chains.offsets)})
+        if weigh:
+            draw = sampler.importance_draw(data[i], features[i:i + 1], chains.proxies, generator)
+            weighable.append(draw.samples.cpu())
+            log_q.append((draw.log_prob - draw.delta_log_prob_target).cpu())
+    pair = (torch.stack(weighable), torch.stack(log_q)) if weigh else None
+    return torch.stack(samples), pair, pd.DataFrame(rows)
+
+
+def gnpe_report(table: pd.DataFrame, sampler: GNPESampler, outdir: Path) -> dict[str, Any]:
+    """The metrics' gnpe section; writes gnpe.csv (with each injection's efficiency when weighed) and the
+    plot of efficiency against the iterations."""
+    efficiencies = pd.read_csv(outdir / "importance_sampling.csv")
+    if len(efficiencies):
+        table = table.merge(efficiencies[["injection", "efficiency"]], on="injection")
+    with atomic_path(outdir / "gnpe.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    plots.gnpe_iterations(table, outdir / "gnpe_iterations.png")
+    bounds = sampler.settings
+    unconverged = table["ks_pvalue"] < bounds.ks_pvalue
+    return {"kernel": sampler.kernel, "iterations_median": float(table["iterations"].median()),
+            "iterations_max": int(table["iterations"].max()), "injections_not_converged": int(unconverged.sum()),
+            "outside_kernel_fraction_median": float(table["outside_kernel_fraction"].median()),
+            "edge_fraction_median": float(table["edge_fraction"].median())}
 
 
 def posterior_samples(model: PosteriorModel, trafo: Trafo, strain: torch.Tensor, features: torch.Tensor,

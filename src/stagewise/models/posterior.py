@@ -25,12 +25,19 @@ def spline_flow(num_parameters: int, context_dim: int, num_transforms: int, hidd
     """Coupling rational-quadratic splines with alternating masks, each after an LU layer.
 
     No random permutations: with them, the couplings can all land on the same parameter
-    (likely with 2 parameters), which the data then never informs."""
+    (likely with 2 parameters), which the data then never informs. A single parameter (GNPE's
+    init network) has nothing to couple to: its splines depend on the context alone."""
     steps = []
     for i in range(num_transforms):
-        steps += [
-            transforms.LULinear(num_parameters, identity_init=True),
-            transforms.PiecewiseRationalQuadraticCouplingTransform(
+        spline: transforms.Transform
+        if num_parameters == 1:
+            spline = transforms.MaskedPiecewiseRationalQuadraticAutoregressiveTransform(
+                features=1, hidden_features=hidden_dim, context_features=context_dim, num_bins=num_bins,
+                tails="linear", tail_bound=tail_bound, num_blocks=num_blocks, use_residual_blocks=True,
+                activation=F.elu,
+            )
+        else:
+            spline = transforms.PiecewiseRationalQuadraticCouplingTransform(
                 mask=create_alternating_binary_mask(num_parameters, even=i % 2 == 0),
                 transform_net_create_fn=lambda n_in, n_out: ResidualNet(
                     n_in, n_out, hidden_dim, context_features=context_dim, num_blocks=num_blocks, activation=F.elu
@@ -38,8 +45,8 @@ def spline_flow(num_parameters: int, context_dim: int, num_transforms: int, hidd
                 num_bins=num_bins,
                 tails="linear",
                 tail_bound=tail_bound,
-            ),
-        ]
+            )
+        steps += [transforms.LULinear(num_parameters, identity_init=True), spline]
     steps.append(transforms.LULinear(num_parameters, identity_init=True))
     return flows.Flow(transforms.CompositeTransform(steps), distributions.StandardNormal([num_parameters]))
 
@@ -83,11 +90,11 @@ class PosteriorModel(nn.Module):
         context = self.embedding(strain, asd_features)
         return self.flow.sample_and_log_prob(num_samples, context=context)
 
-
     @torch.no_grad()
     def from_noise(self, noise: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draws (S, P) in network space from base-distribution noise (S, P), given one event's embedded
-        data `context` (1, C), with their log q (S,): sample() with the noise drawn by the caller."""
+        """Draws (S, P) in network space from base-distribution noise (S, P), given embedded data `context`
+        (1, C) of one event or (S, C), one per draw, with their log q (S,): sample() with the noise drawn by
+        the caller."""
         z, log_abs_det = self.flow._transform.inverse(noise, context=context.expand(len(noise), -1))
         return z, self.flow._distribution.log_prob(noise) - log_abs_det
 

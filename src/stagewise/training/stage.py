@@ -11,10 +11,11 @@ import pandas as pd
 import torch
 
 from .. import seeds
-from ..config import PROBLEM_KEYS, Problem, Settings, fingerprint, is_regression
+from ..config import INIT_STAGE, PROBLEM_KEYS, Problem, Settings, fingerprint, is_regression
 from ..data import EpochBatches, EventBank
-from ..files import write_text
+from ..files import read_torch_file, write_text
 from ..models.posterior import PosteriorModel, load_flow_model
+from ..priors import make_priors
 from ..provenance import provenance
 from ..sources import Source, inference_bundle, make_source
 from ..svd import load_svd
@@ -57,6 +58,7 @@ class StageInputs:
     fiducial_asd: str | None  # None for observations
     asd_set: str | None
     previous_model: str | None  # the previous stage's model file; None for stage_0
+    init_model: str | None = None  # GNPE: the init network's model file, which the stage model file carries
 
     def fingerprinted_files(self, warm_start: str | None) -> list[str]:
         """The upstream artefacts whose bytes enter the fingerprint."""
@@ -85,6 +87,22 @@ def first_layer(stage: StageSettings, source: Source, svd_files: dict[str, str])
     bases = [load_svd(path)[0] for path in svd_files.values()]
     size = bases[0].shape[1] if bases else stage.model["embedding"]["hidden_dims"][0]
     return bases, architecture(stage, source, size)
+
+
+def init_trafo(trafo: Trafo, problem: Problem) -> Trafo:
+    """GNPE's init network: the trafo's input standardisation, and its label (the arrival time as measured,
+    not aligned) standardised by the mean and standard deviation of its prior."""
+    priors = make_priors({name: problem.priors[name] for name in problem.inference_parameters})
+    return Trafo(priors, [p.mean() for p in priors.values()], [p.std() for p in priors.values()],
+                 [False] * len(priors), trafo.input_mean, trafo.input_std, trafo.log_inputs)
+
+
+def gnpe_bundle(kernel: float, init_model: str) -> dict[str, Any]:
+    """What `infer` and `evaluate` need for GNPE besides the network: the kernel, and the init network
+    (architecture, weights, its trafo) from its model file."""
+    state = read_torch_file(init_model, "architecture")
+    return {"kernel": kernel, "init": {"architecture": state["architecture"], "model": state["model"],
+                                       "trafo": state["inference"]["trafo"]}}
 
 
 def projection_inputs(seed: int, source: Source, trafo: Trafo, bank: EventBank) -> torch.Tensor:
@@ -208,6 +226,8 @@ def train_stage(settings: Settings, local: Settings, name: str, inputs: StageInp
     source = make_source(stage.problem, inputs.training_files[0], inputs.fiducial_asd, inputs.asd_set, device,
                          stage.model["num_asd_bands"])
     trafo = Trafo.load(inputs.trafo)
+    if name == INIT_STAGE:
+        trafo = init_trafo(trafo, stage.problem)
     bank, validation = (source.bank(files, stage.shuffle, local["memory_limit_mb"])
                         for files in (inputs.training_files, inputs.validation_files))
     backend = RegressionBackend() if is_regression(settings) else FlowBackend()
@@ -236,8 +256,11 @@ def train_stage(settings: Settings, local: Settings, name: str, inputs: StageInp
     write_text(outputs.history, pd.DataFrame(history).to_csv(index=False))
     problem = {"data": {k: settings["data"][k] for k in ("kind", "simulate")}, "intrinsic_prior": intrinsic_prior or {},
                **{key: settings[key] for key in PROBLEM_KEYS}}
+    bundle = inference_bundle(problem, source, trafo)
+    if stage.problem.gnpe_kernel is not None:
+        assert inputs.init_model is not None  # the workflow gives GNPE stages the init network's model file
+        bundle["gnpe"] = gnpe_bundle(stage.problem.gnpe_kernel, inputs.init_model)
     backend.save(recipe, weights, outputs.model, dict(metadata, fingerprint=stage_fingerprint,
                                                       epoch=history[-1]["epoch"], weights_epoch=weights_epoch,
-                                                      history=history, inference=inference_bundle(problem, source,
-                                                                                                  trafo)))
+                                                      history=history, inference=bundle))
     log.info("stage %s done: %s", name, outputs.model)
