@@ -16,6 +16,7 @@ from snakemake.utils import update_config
 
 from helpers import REPO, copy_workflow, planned_jobs, snakemake
 from stagewise import config as settings_module
+from stagewise.artefacts import describe_model
 from stagewise.data import StrainSimulator, shift_time
 from stagewise.detectors import Detectors
 from stagewise.evaluate.gnpe import GibbsSettings, GNPESampler, ProxyDensity, ks_pvalue
@@ -208,6 +209,7 @@ def test_a_free_time_run_trains_the_init_network_and_reports_gnpe(free_time_run)
         assert np.all(f["samples/weights"][()][~np.isfinite(delta)] == 0)
     model = torch.load(run / "stage_1/model_stage_1.pt", weights_only=True)
     assert model["inference"]["gnpe"]["init"]["trafo"]["names"] == ["time"]
+    assert "gnpe: kernel 0.001 s, with its init network" in describe_model(run / "stage_1/model_stage_1.pt")
 
 
 @pytest.mark.slow

@@ -110,31 +110,20 @@ def metrics_head(model_type: str, test: TestSet, test_loss: float) -> dict[str, 
 def flow_metrics(settings: Settings, inputs: EvaluationInputs, trafo: Trafo, device: torch.device,
                  outdir: Path) -> tuple[dict[str, Any], np.ndarray, TestSet]:
     """(metrics, pulls of the posterior means (N, P), test set) of the flow; writes its own files:
-    importance_sampling.csv, pp_plot.png and corner.png."""
+    importance_sampling.csv, pp_plot.png and corner.png, and with GNPE gnpe.csv, gnpe_iterations.png and
+    time_posterior.png."""
     model, state = load_flow_model(inputs.model, device)
     model.eval()
     test = test_set(settings, inputs, trafo, state["stage"], device)
     problem, evaluation = Problem.from_settings(settings), settings["evaluation"]
     names = settings["inference_parameters"]
-    features = test.injections.asd_features
     test_loss = flow_test_loss(model, trafo, test, settings["seed"])
-    gnpe_table, sampler = None, None
-    if problem.gnpe_kernel is None:
-        torch.manual_seed(seeds.derived_seed(settings["seed"], "evaluation", "sampling"))
-        samples, log_q, mean_network, std_network = posterior_samples(model, trafo, test.network_inputs, features,
-                                                                      evaluation["num_samples"])
-        draws = samples, log_q
-    else:
+    sampler = None
+    if problem.gnpe_kernel is not None:
         assert isinstance(test.source, SignalSource)  # GNPE aligns signals
         sampler = GNPESampler.from_bundle(model, trafo, state["inference"]["gnpe"], test.source.simulator.frequencies,
                                           GibbsSettings(**settings["gnpe"]["iterations"]))
-        weigh = likelihood_plan(problem)[0] is not None
-        samples, weighable, gnpe_table = gnpe_posteriors(sampler, test, evaluation["num_samples"], settings["seed"],
-                                                         weigh)
-        draws = weighable if weighable is not None else (samples, torch.zeros(samples.shape[:2], dtype=torch.float64))
-        # the trafo is affine in each label (or its log): the pulls are those of physical space
-        z = trafo.labels_to_network({name: samples[..., i] for i, name in enumerate(names)})
-        mean_network, std_network = z.mean(1), z.std(1)
+    samples, draws, mean_network, std_network, gnpe_table = flow_posteriors(model, sampler, trafo, test, settings)
     levels = credible_levels(samples.numpy(), test.truths)
     pvalues = ks_pvalues(levels, names)
     priors = make_priors(problem.priors)
@@ -158,13 +147,41 @@ def flow_metrics(settings: Settings, inputs: EvaluationInputs, trafo: Trafo, dev
     plotted = (draws[0] if weights is not None else samples).numpy()[:shown]  # the weighted samples, when weighed
     plots.corner_plots(plotted, None if weights is None else weights[:shown], test.truths[:shown], names,
                        outdir / "corner.png")
-    if sampler is not None and gnpe_table is not None:
+    if sampler is not None and gnpe_table is not None:  # GNPE
         metrics["gnpe"] = gnpe_report(gnpe_table, sampler, outdir)
         time = names.index("time")
         plots.time_posteriors(plotted[:, :, time], None if weights is None else weights[:shown],
                               test.truths[:shown, time], outdir / "time_posterior.png")
     pulls = (mean_network.numpy() - test.theta.cpu().numpy()) / std_network.numpy()
     return metrics, pulls, test
+
+
+class FlowPosteriors(NamedTuple):
+    """The flow's posteriors of the test injections."""
+
+    samples: torch.Tensor  # (N, S, P) physical: the network's (with GNPE the Gibbs samples)
+    weighable: tuple[torch.Tensor, torch.Tensor]  # samples (N, S, P) and their log q (N, S) to importance-sample
+    mean_network: torch.Tensor  # (N, P) mean of the samples in network space
+    std_network: torch.Tensor  # (N, P) their std
+    gnpe: pd.DataFrame | None  # GNPE: a row per injection (gnpe_posteriors)
+
+
+def flow_posteriors(model: PosteriorModel, sampler: GNPESampler | None, trafo: Trafo, test: TestSet,
+                    settings: Settings) -> FlowPosteriors:
+    """Draw evaluation.num_samples per test injection: from the flow, or with GNPE by Gibbs sampling and,
+    when there is a likelihood, the pass with the proxy density that importance sampling weighs."""
+    num_samples, names = settings["evaluation"]["num_samples"], settings["inference_parameters"]
+    if sampler is None:
+        torch.manual_seed(seeds.derived_seed(settings["seed"], "evaluation", "sampling"))
+        samples, log_q, mean, std = posterior_samples(model, trafo, test.network_inputs, test.injections.asd_features,
+                                                      num_samples)
+        return FlowPosteriors(samples, (samples, log_q), mean, std, None)
+    weigh = likelihood_plan(Problem.from_settings(settings))[0] is not None
+    samples, weighable, table = gnpe_posteriors(sampler, test, num_samples, settings["seed"], weigh)
+    # the trafo is affine in each label (or its log): the pulls are those of physical space
+    z = trafo.labels_to_network({name: samples[..., i] for i, name in enumerate(names)})
+    unweighed = (samples, torch.zeros(samples.shape[:2], dtype=torch.float64))  # importance sampling skips them
+    return FlowPosteriors(samples, weighable or unweighed, z.mean(1), z.std(1), table)
 
 
 def flow_test_loss(model: PosteriorModel, trafo: Trafo, test: TestSet, seed: int) -> float:
