@@ -45,7 +45,7 @@ bench: setup
 bench-infer: setup
 	CONDOR_CONFIG=/dev/null $(BIN)/python bench/infer_calibration.py
 
-# Needs a finished free-time run (config/free_time.yaml): GNPE's efficiency against fixed Gibbs iterations.
+# Needs a finished `make run`: GNPE's importance-sampling efficiency against fixed numbers of Gibbs iterations.
 bench-gnpe: setup
 	CONDOR_CONFIG=/dev/null $(BIN)/python bench/gnpe_iterations.py
 

@@ -1,14 +1,14 @@
 """`make bench-gnpe`: importance-sampling efficiency of GNPE against a fixed number of Gibbs iterations,
 beside the iterations the convergence rule (gnpe.iterations) chooses.
 
-Needs a finished free-time run (`snakemake --cores 2 --configfile config/config.yaml config/free_time.yaml`).
-Writes `--events` labelled observed events of that problem, runs the Gibbs chains of each event for
+Needs a finished default run (`make run`). Writes `--events` labelled observed events of the default
+problem (a free arrival time with GNPE), runs the Gibbs chains of each event for
 up to the largest count in ITERATIONS, and after each count in ITERATIONS does the importance-sampling
 pass (proxy density) and weighs it with the exact likelihood. Writes bench/gnpe_iterations.json: per
 count the median and 16 % quantile of the efficiency over the events, and for the rule its median
 iterations and efficiency.
 
-    python bench/gnpe_iterations.py [--run free_time] [--events 50] [--out bench/gnpe_iterations.json]
+    python bench/gnpe_iterations.py [--run default] [--events 50] [--out bench/gnpe_iterations.json]
 """
 
 import argparse
@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from snakemake.utils import update_config
 from tqdm import tqdm
 
 from stagewise import config as settings
@@ -38,17 +37,15 @@ ITERATIONS = (1, 2, 4, 8, 16, 30)
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", default="free_time")
+    parser.add_argument("--run", default="default")
     parser.add_argument("--events", type=int, default=50)
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--out", default=str(REPO / "bench" / "gnpe_iterations.json"))
     args = parser.parse_args()
-    config = {}
-    for name in ("config.yaml", "free_time.yaml"):
-        update_config(config, yaml.safe_load((REPO / "config" / name).read_text()))
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     run, last = REPO / "results" / args.run, settings.stage_names(config)[-1]
     if not (run / last / f"model_{last}.pt").exists():
-        sys.exit(f"{run / last}: no model: run the free-time problem first (see this script's docstring)")
+        sys.exit(f"{run / last}: no model: run `make run` first")
     torch.set_num_threads(config["local"]["threads"])
     model = InferenceModel(run / last / f"model_{last}.pt")
     rule = GibbsSettings(**config["gnpe"]["iterations"])

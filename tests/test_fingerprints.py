@@ -91,7 +91,7 @@ CHANGES = {
     "training.stage_0.scheduler": {"type": "constant"},
     "training.stage_0.warm_start": "results/other/stage_0/model_stage_0.pt",
     "training.stage_0.ema_decay": 0.99,
-    "gnpe": yaml.safe_load((REPO / "config/free_time.yaml").read_text())["gnpe"],
+    "gnpe": yaml.safe_load((REPO / "config/config.yaml").read_text())["gnpe"],
 }
 SAME = {
     "run": "other",

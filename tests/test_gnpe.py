@@ -28,15 +28,14 @@ from stagewise.trafo import Trafo
 from stagewise.training.runner import StageStopped
 from stagewise.training.stage import StageInputs, StageOutputs, train_stage
 
-FREE_TIME = ("config/config.yaml", "config/free_time.yaml", "tiny.yaml", "tiny_free_time.yaml")
+FREE_TIME = ("config/config.yaml", "tiny.yaml", "tiny_free_time.yaml")
 KERNEL = 0.001
 
 
 def free_time_config():
     """The merged config of the tiny free-time run, validated (defaults filled) as Snakemake does."""
     config = {}
-    for name in ("config/config.yaml", "config/free_time.yaml", "tests/configs/tiny.yaml",
-                 "tests/configs/tiny_free_time.yaml"):
+    for name in ("config/config.yaml", "tests/configs/tiny.yaml", "tests/configs/tiny_free_time.yaml"):
         update_config(config, yaml.safe_load((REPO / name).read_text()))
     settings_module.validate(config)
     return config
@@ -167,9 +166,7 @@ def test_the_proxy_density_is_normalised_and_samples_itself():
     ({"model": {"type": "gaussian_regression"}}, "gnpe: needs model.type flow"),
 ], ids=["time not inferred", "kernel too wide", "init frozen", "iteration bounds", "regression"])
 def test_a_bad_gnpe_config_stops_naming_the_key(change, message):
-    config = {}
-    for name in ("config/config.yaml", "config/free_time.yaml"):
-        update_config(config, yaml.safe_load((REPO / name).read_text()))
+    config = yaml.safe_load((REPO / "config/config.yaml").read_text())  # the default: a free time with GNPE
     update_config(config, copy.deepcopy(change))
     with pytest.raises(ValueError, match=None) as error:
         settings_module.validate(config)

@@ -76,7 +76,7 @@ def test_set(settings: Settings, inputs: EvaluationInputs, trafo: Trafo, stage: 
     index = torch.arange(len(bank), device=device)
     injections = source.injections(bank, index, generator, settings["training"][stage]["asd"])
     theta = trafo.labels_to_network(injections.parameters)
-    truths = trafo.labels_from_network(theta).cpu().numpy()
+    truths = torch.stack([injections.parameters[name] for name in trafo.names], dim=-1).cpu().numpy()
     return TestSet(source, injections, theta, trafo.inputs_to_network(injections.inputs), truths)
 
 
