@@ -64,6 +64,7 @@ def validate(config: Settings) -> None:
         fill_stage_defaults(stage)
     if config["gnpe"] is not None:
         fill_stage_defaults(config["gnpe"]["init"]["training"])
+        _schema_order(config["gnpe"], schema()["properties"]["gnpe"])  # a section that a later file replaced whole
     check_problem(config)
     check_training(config)
     check_data(config)
@@ -113,6 +114,9 @@ def scheduler_with_defaults(scheduler: Settings) -> Settings:
 
 
 def _object_branch(spec: Settings) -> Settings:
+    """The object schema of `spec`: its `$ref` (to `$defs`) resolved, the object branch of a oneOf."""
+    if "$ref" in spec:
+        spec = schema()["$defs"][spec["$ref"].rsplit("/", 1)[-1]]
     return next((b for b in spec.get("oneOf", []) if b.get("type") == "object"), spec)
 
 
