@@ -249,39 +249,41 @@ def stopped_checkpoint_matches_the_log(workdir, log):
     return state
 
 
-@pytest.mark.parametrize("limit", ["max_time_per_run", "stop_margin"])
-def test_a_runtime_limit_stops_a_real_job_with_exit_75_mid_run_and_the_rerun_resumes(prepared, reference, limit,
-                                                                                     monkeypatch):
-    """A limit of 0.01 s, shorter than any training step, from local.runtime_limits.max_time_per_run, or
-    inside a cluster job (SLURM_JOB_ID set) from local.training_job.runtime (1 min) less stop_margin
-    (59.99 s): the job stops after the first step past it with exit status 75, having written a checkpoint
-    there, and a rerun without the limit (local settings are in no fingerprint) ends where the
-    uninterrupted run ends."""
+def test_runtime_limits_stop_a_real_job_with_exit_75_mid_run_and_the_reruns_resume(prepared, reference, monkeypatch):
+    """Limits of 0.01 s, shorter than any training step: first local.runtime_limits.max_time_per_run, then,
+    inside a cluster job (SLURM_JOB_ID set), local.training_job.runtime (1 min) less stop_margin (59.99 s).
+    Each job stops after the first step past its limit with exit status 75, having written a checkpoint
+    there; the second resumes from the first's; a rerun without a limit (local settings are in no
+    fingerprint) ends where the uninterrupted run ends."""
     workdir = prepared
     monkeypatch.delenv("_CONDOR_JOB_AD", raising=False)
-    if limit == "max_time_per_run":
-        monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-        local, seconds = {"runtime_limits": {"max_time_per_run": 0.01}}, 0.01
-    else:
-        monkeypatch.setenv("SLURM_JOB_ID", "1")
-        local, seconds = {"training_job": {"runtime": 1, "stop_margin": 59.99}}, 1 * 60 - 59.99
-    limited = {**LONG_STAGE, "local": local}
+    steps_before, epoch_before = 0, None
+    for limit in ("max_time_per_run", "stop_margin"):
+        if limit == "max_time_per_run":
+            monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+            local, seconds = {"runtime_limits": {"max_time_per_run": 0.01}}, 0.01
+        else:
+            monkeypatch.setenv("SLURM_JOB_ID", "1")
+            local, seconds = {"training_job": {"runtime": 1, "stop_margin": 59.99}}, 1 * 60 - 59.99
+        (workdir / LOG).unlink(missing_ok=True)  # the log is appended to: keep this job's lines only
 
-    stopped = snakemake(workdir, "train_stage_0", overrides=limited, check=False)
+        stopped = snakemake(workdir, "train_stage_0", overrides={**LONG_STAGE, "local": local}, check=False)
 
-    assert stopped.returncode != 0
-    assert re.search(r"returned non-zero exit status 75\b", stopped.output), stopped.output[-3000:]
-    log = (workdir / LOG).read_text()
-    print(*[line for line in log.splitlines() if "stopping" in line])
-    assert f"max_time_per_run ({seconds} s) reached" in log
-    assert not (workdir / MODEL).exists()
-    state = stopped_checkpoint_matches_the_log(workdir, log)
-    steps_done = state["epoch"] * 40 + (state["partial_epoch"]["batches"]["step"] if state["partial_epoch"] else 0)
-    assert 0 < steps_done < 8 * 40
+        assert stopped.returncode != 0
+        assert re.search(r"returned non-zero exit status 75\b", stopped.output), stopped.output[-3000:]
+        log = (workdir / LOG).read_text()
+        assert f"max_time_per_run ({seconds} s) reached" in log
+        if epoch_before is not None:
+            assert f"resuming from {CHECKPOINTS} at epoch {epoch_before}" in log
+        assert not (workdir / MODEL).exists()
+        state = stopped_checkpoint_matches_the_log(workdir, log)
+        steps = state["epoch"] * 40 + (state["partial_epoch"]["batches"]["step"] if state["partial_epoch"] else 0)
+        assert steps_before < steps < 8 * 40
+        steps_before, epoch_before = steps, state["epoch"]
 
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     snakemake(workdir, "train_stage_0", overrides=LONG_STAGE)
-    assert f"resuming from {CHECKPOINTS} at epoch {state['epoch']}" in (workdir / LOG).read_text()
+    assert f"resuming from {CHECKPOINTS} at epoch {epoch_before}" in (workdir / LOG).read_text()
     assert_same_model(workdir, reference)
 
 
