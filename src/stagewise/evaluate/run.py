@@ -139,7 +139,7 @@ def flow_metrics(settings: Settings, inputs: EvaluationInputs, trafo: Trafo, dev
         "per_label": gaussian_summary(names, test.theta.cpu().numpy(), mean_network.numpy(), std_network.numpy(),
                                       test.truths, samples.mean(1).numpy()),
     }
-    metrics["importance_sampling"], weights = importance_sampling(problem, test, *draws, outdir)
+    metrics["importance_sampling"], weights, per_injection = importance_sampling(problem, test, *draws, outdir)
     log.info("test loss %.4f, P-P KS p-values %s, importance sampling %s", test_loss, pvalues,
              metrics["importance_sampling"])
     plots.pp_plot(levels, names, pvalues, outdir / "pp_plot.png")
@@ -148,7 +148,7 @@ def flow_metrics(settings: Settings, inputs: EvaluationInputs, trafo: Trafo, dev
     plots.corner_plots(plotted, None if weights is None else weights[:shown], test.truths[:shown], names,
                        outdir / "corner.png")
     if sampler is not None and gnpe_table is not None:  # GNPE
-        metrics["gnpe"] = gnpe_report(gnpe_table, sampler, outdir)
+        metrics["gnpe"] = gnpe_report(gnpe_table, per_injection, sampler, outdir)
         time = names.index("time")
         plots.time_posteriors(plotted[:, :, time], None if weights is None else weights[:shown],
                               test.truths[:shown, time], outdir / "time_posterior.png")
@@ -218,10 +218,10 @@ def gnpe_posteriors(sampler: GNPESampler, test: TestSet, num_samples: int, seed:
     return torch.stack(samples), pair, pd.DataFrame(rows)
 
 
-def gnpe_report(table: pd.DataFrame, sampler: GNPESampler, outdir: Path) -> dict[str, Any]:
-    """The metrics' gnpe section; writes gnpe.csv (with each injection's efficiency when weighed) and the
-    plot of efficiency against the iterations."""
-    efficiencies = pd.read_csv(outdir / "importance_sampling.csv")
+def gnpe_report(table: pd.DataFrame, efficiencies: pd.DataFrame, sampler: GNPESampler,
+                outdir: Path) -> dict[str, Any]:
+    """The metrics' gnpe section; writes gnpe.csv (with each injection's efficiency from `efficiencies`, the
+    table of importance_sampling.csv, when weighed) and the plot of efficiency against the iterations."""
     if len(efficiencies):
         table = table.merge(efficiencies[["injection", "efficiency"]], on="injection")
     with atomic_path(outdir / "gnpe.csv") as tmp:
@@ -251,9 +251,9 @@ def posterior_samples(model: PosteriorModel, trafo: Trafo, strain: torch.Tensor,
 
 
 def importance_sampling(problem: Problem, test: TestSet, samples: torch.Tensor, log_q: torch.Tensor,
-                        outdir: Path) -> tuple[dict[str, Any], np.ndarray | None]:
+                        outdir: Path) -> tuple[dict[str, Any], np.ndarray | None, pd.DataFrame]:
     """(the metrics' importance_sampling section, the normalised weights (N, S) or None when it cannot
-    run); writes importance_sampling.csv (empty when it cannot run)."""
+    run, the table it writes as importance_sampling.csv: a row per injection, empty when it cannot run)."""
     plan, reason = likelihood_plan(problem)
     section: dict[str, Any]
     if plan is None:
@@ -279,7 +279,7 @@ def importance_sampling(problem: Problem, test: TestSet, samples: torch.Tensor, 
         }
     with atomic_path(outdir / "importance_sampling.csv") as tmp:
         table.to_csv(tmp, index=False)
-    return section, weights
+    return section, weights, table
 
 
 def regression_metrics(settings: Settings, inputs: EvaluationInputs, trafo: Trafo,
