@@ -8,7 +8,7 @@ TORCH_PIN := torch==2.13.0
 CORES ?= 2
 RUN := default
 
-.PHONY: setup run lint test test-fast bench bench-infer bench-gnpe dag clean
+.PHONY: setup run lint test test-fast bench bench-infer bench-gnpe learning-curve dag clean
 
 setup: $(VENV)/.installed
 
@@ -48,6 +48,11 @@ bench-infer: setup
 # Needs a finished `make run`: GNPE's importance-sampling efficiency against fixed numbers of Gibbs iterations.
 bench-gnpe: setup
 	CONDOR_CONFIG=/dev/null $(BIN)/python bench/gnpe_iterations.py
+
+# Trains and evaluates the default problem for several numbers of epochs (about 40 min on 2 cores):
+# bench/learning_curve.json and docs/learning_curve.png.
+learning-curve: setup
+	CONDOR_CONFIG=/dev/null $(BIN)/python bench/learning_curve.py
 
 dag: setup
 	CONDOR_CONFIG=/dev/null $(BIN)/snakemake --dag | dot -Tsvg > docs/dag.svg

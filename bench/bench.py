@@ -30,6 +30,7 @@ from stagewise import seeds
 from stagewise.events import count_splits, write_event_file
 from stagewise.files import write_json
 from stagewise.simulate.files import simulate
+from stagewise.simulate.likelihood import PHASE_POINTS
 from stagewise.sources import make_source
 from stagewise.steps import build_svd_step, count_events_step, fit_trafo_step
 from stagewise.svd import fit_basis, mismatch_table
@@ -356,17 +357,17 @@ def inference_figures(config, files, training, folder, repeats, events=64, sampl
             model.network.sample(inputs[i:i + 16], features[i:i + 16], samples)
         bare_rates.append(events * samples / (time.perf_counter() - start))
         ratios.append(infer_rates[-1] / bare_rates[-1])
-        draws, log_q = model.posterior(inputs[:1], features[:1], 0, samples, seed=repeat)
+        batch = next(model.flow_batches(inputs[:1], features[:1], 0, samples, seed=repeat))
         weigh, _ = ImportanceWeights.for_model(model)
         start = time.perf_counter()
-        weigh(draws, log_q, whitened[0], torch.as_tensor(block["asds"][0]))
+        weigh.log_weights(batch, whitened[0], torch.as_tensor(block["asds"][0]))
         weighing_rates.append(samples / (time.perf_counter() - start))
         weighing_ratios.append(weighing_rates[-1] / bare_rates[-1])
     return spread(ratios), spread(weighing_ratios), {
         "events": events, "samples_per_event": samples, "infer_samples_per_second": spread(infer_rates),
         "sample_samples_per_second": spread(bare_rates),
         "likelihood_and_prior_per_second": spread(weighing_rates),
-        "phase": "marginalised on 1024 points per sample", "file_writing": "included in infer"}
+        "phase": f"marginalised on {PHASE_POINTS} points per sample", "file_writing": "included in infer"}
 
 
 def dry_run_figure(paths, repeats):

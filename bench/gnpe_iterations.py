@@ -24,9 +24,10 @@ import yaml
 from tqdm import tqdm
 
 from stagewise import config as settings
-from stagewise.evaluate.gnpe import GibbsSettings, ks_pvalue
+from stagewise.evaluate.gnpe import GibbsSettings, ProxyDensity, ks_pvalue
+from stagewise.evaluate.importance import SampleBudget
 from stagewise.files import write_json
-from stagewise.infer import ImportanceWeights, InferenceModel
+from stagewise.infer import Batch, ImportanceWeights, InferenceModel
 from stagewise.observed import ObservedFile
 from stagewise.seeds import generator
 from stagewise.steps import simulate_observed_step
@@ -73,10 +74,10 @@ def main():
             converged = k >= rule.min and ks_pvalue(proxies, new) >= rule.ks_pvalue
             proxies = new
             if k in ITERATIONS or (stopped is None and (converged or k == rule.max)):
-                draw = sampler.importance_draw(whitened[j], features[j:j + 1], proxies, g)
+                draw = sampler.importance_draw(whitened[j], features[j:j + 1], ProxyDensity(proxies), args.samples, g)
                 asd = torch.as_tensor(block["asds"][j])
-                efficiency = weigh(draw.samples, draw.log_prob - draw.delta_log_prob_target, whitened[j], asd)[1][
-                    "efficiency"]
+                batch = Batch(draw.samples, draw.log_prob - draw.delta_log_prob_target, {})
+                efficiency = weigh.weigh([batch], whitened[j], asd, SampleBudget(args.samples))[2]["efficiency"]
                 if k in ITERATIONS:
                     efficiencies[k].append(efficiency)
                 if stopped is None and (converged or k == rule.max):

@@ -28,7 +28,8 @@ def test_ls_describes_every_kind_of_artefact(tiny_run):
         "data/training_00.h5": ["events: 200", "complex64 (200, 124)", "124 bins, 20 to 512 Hz"],
         "data/asd_set.h5": ["8 ASD(s)"],
         "data/observed.h5": ["observed-data file", "events: 4", "detectors: [H1, L1]", "labels: [f0, phase"],
-        "inference/simulated/posterior.h5": ["posterior file", "samples per event: 200", "efficiency median"],
+        "inference/simulated/posterior.h5": ["posterior file", "samples per event: 200", "efficiency median",
+                                               "network vs exact, JSD median (nat)"],
     }
     for name, fragments in expected.items():
         result = stagewise("ls", run / name)

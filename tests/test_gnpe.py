@@ -134,7 +134,7 @@ def test_the_importance_pass_weighs_by_the_kernel_and_the_proxy_density():
     data = torch.randn(2, len(sampler.frequencies), dtype=torch.complex128)
     generator = torch.Generator().manual_seed(8)
     proxies = 0.003 + KERNEL * (2 * torch.rand(500, generator=generator, dtype=torch.float64) - 1)
-    draw = sampler.importance_draw(data, torch.zeros(1, 0), proxies, generator)
+    draw = sampler.importance_draw(data, torch.zeros(1, 0), ProxyDensity(proxies), 500, generator)
     offsets = draw.samples[:, 1] - draw.proxies
     inside = offsets.abs() <= KERNEL
     assert inside.any() and (~inside).any()  # an untrained network leaks beyond the kernel
@@ -196,6 +196,9 @@ def test_a_free_time_run_trains_the_init_network_and_reports_gnpe(free_time_run)
     assert len(table) == metrics["num_injections"]
     assert table["iterations"].between(bounds["min"], bounds["max"]).all()
     assert set(table.columns) >= {"ks_pvalue", "outside_kernel_fraction", "edge_fraction", "efficiency"}
+    divergence = metrics["network_vs_exact"]  # the Gibbs samples against the importance-weighted pass
+    assert divergence["injections_used"] + divergence["injections_left_out"] == metrics["num_injections"]
+    assert divergence["injections_used"] == 0 or 0 <= divergence["time"]["jsd_median"] <= math.log(2)
     for plot in ("gnpe_iterations", "time_posterior"):
         assert (run / f"evaluation/{plot}.png").stat().st_size > 1000
     with h5py.File(run / "inference/simulated/posterior.h5") as f:

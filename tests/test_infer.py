@@ -2,6 +2,7 @@
 alone through `stagewise infer`, per-event seeding, the shared likelihood with evaluate, reruns, and
 one-line errors for bad observed files and model files."""
 
+import math
 import shutil
 import subprocess
 import sys
@@ -121,6 +122,33 @@ def test_an_events_draws_depend_on_its_event_id_only(tiny_run, tmp_path):
             assert np.array_equal(ours[name], values[order], equal_nan=True), name
 
 
+def test_batches_until_the_effective_samples_extend_the_rules_posterior(tiny_run, tmp_path):
+    """With effective_samples, each event gets batches of num_samples until its n_eff reaches the target or
+    max_samples are drawn; its first batch is the rule's samples bit for bit (one batch), the rows are padded
+    with NaN and weight 0, and the efficiency, n_eff and network-vs-exact JSD are those of all samples."""
+    settings = InferenceSettings(200, True, 64, 2, effective_samples=150, max_samples=700)
+    infer(tiny_run[0] / MODEL, [tiny_run[0] / OBSERVED], tmp_path / "out", settings)
+    ours = datasets(tmp_path / "out/posterior.h5")
+    rules = datasets(tiny_run[0] / RUN / "inference/simulated/posterior.h5")
+    drawn = ours["events/num_samples"].astype(int)
+    assert set(drawn) <= {200, 400, 600} and drawn.max() > 200  # whole batches, at most 700 // 200
+    assert ours["samples/f0"].shape == (4, 600)
+    for i, n in enumerate(drawn):
+        assert np.array_equal(ours["samples/f0"][i, :200], rules["samples/f0"][i])
+        assert np.isfinite(ours["samples/log_prob"][i, :n]).all() and np.isnan(ours["samples/f0"][i, n:]).all()
+        assert (ours["samples/weights"][i, n:] == 0).all()
+        weights = ours["samples/weights"][i, :n]
+        assert weights.mean() == pytest.approx(1.0)
+        n_eff = weights.sum() ** 2 / np.square(weights).sum()
+        assert ours["events/n_eff"][i] == pytest.approx(n_eff) and ours["events/efficiency"][i] == pytest.approx(
+            n_eff / n)
+        assert n_eff >= 150 or n == 600
+    for name in ("f0", "tau", "snr"):
+        assert ((ours[f"events/jsd_{name}"] >= 0) & (ours[f"events/jsd_{name}"] <= math.log(2))).all()
+    table = pd.read_csv(tmp_path / "out/summary.csv")
+    assert list(table["num_samples"]) == list(drawn) and {"jsd_f0", "jsd_snr"} <= set(table.columns)
+
+
 def test_infer_weighs_with_the_log_likelihood_and_prior_of_evaluate(tiny_run):
     """The same samples and data: infer's log prior and log likelihood (from the model file's bundle) give
     evaluate's log weights (from the run's config and files) exactly."""
@@ -129,10 +157,12 @@ def test_infer_weighs_with_the_log_likelihood_and_prior_of_evaluate(tiny_run):
     with model.open(workdir / OBSERVED) as observed:
         block = observed.read(0, 2)
     inputs, features, whitened = model.prepare(block)
-    samples, log_q = model.posterior(inputs[:1], features[:1], 0, 300, seed=1)
+    batch = next(model.flow_batches(inputs[:1], features[:1], 0, 300, seed=1))
+    samples, log_q = batch.samples, batch.log_q
     asd = torch.as_tensor(block["asds"][0])
     weigh, _ = ImportanceWeights.for_model(model)
-    per_sample, _ = weigh(samples, log_q, whitened[0], asd)
+    log_w = weigh.log_weights(batch, whitened[0], asd)
+    per_sample = {name: batch.columns[name].numpy() for name in ("log_prior", "log_likelihood")}
 
     config = tiny_config()
     problem = Problem.from_settings(evaluation_settings(config))
@@ -144,6 +174,7 @@ def test_infer_weighs_with_the_log_likelihood_and_prior_of_evaluate(tiny_run):
     inside = torch.isfinite(expected)
     assert inside.sum() > 0 and torch.equal(torch.isfinite(torch.as_tensor(per_sample["log_prior"])), inside)
     assert torch.equal(ours[inside], expected[inside])
+    assert torch.equal(log_w[inside], expected[inside]) and torch.all(log_w[~inside] == -math.inf)
 
 
 def test_inference_settings_rerun_only_infer_and_a_retrained_model_reruns_it(tiny_run, tmp_path):
@@ -230,7 +261,10 @@ def test_a_file_of_another_kind_and_models_that_cannot_infer_stop_with_one_line(
     result = in_process(capsys, "infer", older, run / "data/observed.h5", "--out", tmp_path / "c")
     (line,) = errors(result)
     assert f"{older}: this model file carries no inference bundle (written before 2026-12)" in line
-    assert not any((tmp_path / name).exists() and any((tmp_path / name).iterdir()) for name in "abc")
+    result = in_process(capsys, "infer", run / "stage_1/model_stage_1.pt", run / "data/observed.h5", "--out",
+                        tmp_path / "d", "--effective-samples", 500, "--max-samples", 100)
+    assert errors(result) == ["stagewise infer: --max-samples 100 is below --num-samples 2000"]
+    assert not any((tmp_path / name).exists() and any((tmp_path / name).iterdir()) for name in "abcd")
 
 
 def test_observations_check_the_number_of_inputs_and_their_values(tmp_path):

@@ -1,6 +1,7 @@
 """The Snakemake side, with real Snakemake runs of the tiny config in temporary folders."""
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -18,12 +19,20 @@ from helpers import REPO, copy_workflow, planned_jobs, snakemake
 ALL_RULES = {"simulate", "count_events", "fit_trafo", "build_svd", "train_stage_0", "train_stage_1", "evaluate",
              "simulate_observed", "infer_set", "all"}
 INFERENCE = {"simulate_observed", "infer_set"}
-PLOTS = ("loss_curves", "pp_plot", "corner", "svd_mismatch", "label_distributions")
+PLOTS = ("loss_curves", "pp_plot", "corner", "svd_mismatch", "label_distributions", "network_vs_exact",
+         "network_vs_exact_worst")
 
 
 def test_dry_run_lists_every_step_of_the_dag(tmp_path):
     result = snakemake(copy_workflow(tmp_path), "-n")
     assert planned_jobs(result.output) == ALL_RULES
+
+
+def test_the_production_config_is_valid_and_plans_the_whole_dag(tmp_path):
+    """config/production.yaml layered over the default passes every check and plans every rule."""
+    result = snakemake(copy_workflow(tmp_path), "-n", configfiles=("config/config.yaml", "config/production.yaml"))
+    assert planned_jobs(result.output) == ALL_RULES | {"train_init"}
+    assert "results/production/stage_1/model_stage_1.pt" in result.output
 
 
 def test_dag_renders_as_svg(tmp_path):
@@ -65,6 +74,16 @@ def test_full_run_writes_every_documented_output(tiny_run):
     table = pd.read_csv(run / "evaluation" / "importance_sampling.csv")
     assert len(table) == 50 and table["log_evidence"].notna().all()
     assert table["efficiency"].median() == pytest.approx(sampling["efficiency_median"])
+    # batches of 200 until 50 effective samples, at most 600 (tests/configs/tiny.yaml)
+    assert set(table["num_samples"]) <= {200, 400, 600} and (table["num_samples"] > 200).any()
+    assert ((table["n_eff"] >= 50) | (table["num_samples"] == 600)).all()
+    assert table["efficiency"].to_numpy() == pytest.approx((table["n_eff"] / table["num_samples"]).to_numpy())
+    divergence = metrics["network_vs_exact"]
+    used = table[table["n_eff"] >= 50]
+    assert divergence["injections_used"] == len(used) > 0 and divergence["injections_left_out"] == 50 - len(used)
+    for name in ("f0", "tau", "snr"):
+        assert 0 <= divergence[name]["jsd_median"] <= divergence[name]["jsd_q90"] <= math.log(2)
+        assert divergence[name]["jsd_median"] == pytest.approx(used[f"jsd_{name}"].median())
     for log in [*(f"{rule}.log" for rule in ALL_RULES - {"all", "infer_set"}), "infer_simulated.log"]:
         assert (run / "logs" / log).stat().st_size > 0, log
 
@@ -200,11 +219,13 @@ def test_a_config_change_plans_exactly_the_steps_it_touches(tiny_run, overrides,
         ({"inference": {"sets": {"mine": "nowhere/*.h5"}}}, "inference.sets.mine: the pattern 'nowhere/*.h5' matches "
          "no file"),
         ({"inference": {"sets": {"simulated": ["x.h5"]}}}, "config key inference.sets"),
+        ({"evaluation": {"max_samples": 10}}, "evaluation.max_samples: 10 is below evaluation.num_samples (200)"),
     ],
     ids=["unknown key", "unknown nested key", "wrong type", "unknown distribution", "unknown parameter", "empty glob",
          "missing asd file", "levels per detector", "prior bounds", "shuffle buffer", "label weight name",
          "ema with regression", "compare with itself", "warm start later stage", "log label not inferred",
-         "dampening with regression", "scheduler argument", "empty inference set", "set named simulated"],
+         "dampening with regression", "scheduler argument", "empty inference set", "set named simulated",
+         "sample cap below a batch"],
 )
 def test_an_invalid_config_stops_the_run_naming_the_key(tmp_path, overrides, message):
     result = snakemake(copy_workflow(tmp_path), "-n", overrides=overrides, check=False)

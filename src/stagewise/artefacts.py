@@ -114,8 +114,14 @@ def _describe_h5(path: str | Path, f: h5py.File) -> str:
                                      "events": int(f["event_id"].shape[0])}
         if "samples" in f:
             posterior |= {"samples per event": int(f["samples/log_prob"].shape[1]), "columns": list(f["samples"])}
+        if "events/num_samples" in f:  # importance-sampled, in batches until enough effective samples
+            posterior["samples drawn, median"] = float(np.median(f["events/num_samples"][()]))
         if "events/efficiency" in f:
             posterior["efficiency median"] = float(np.median(f["events/efficiency"][()]))
+        divergences = [name for name in f.get("events", {}) if name.startswith("jsd_")]
+        if divergences:
+            posterior["network vs exact, JSD median (nat)"] = {
+                name[4:]: float(np.nanmedian(f["events"][name][()])) for name in divergences}
         if "importance_sampling_skipped" in f.attrs:
             posterior["importance sampling skipped"] = str(f.attrs["importance_sampling_skipped"])
         parts.append(_section("posterior file", _yaml(posterior)))

@@ -41,8 +41,11 @@ def _convert(args: argparse.Namespace) -> None:
 def _infer(args: argparse.Namespace) -> None:
     from .infer import InferenceSettings, infer
 
+    if args.effective_samples is not None and args.max_samples < args.num_samples:
+        raise ValueError(f"--max-samples {args.max_samples} is below --num-samples {args.num_samples}")
     settings = InferenceSettings(args.num_samples, not args.no_importance_sampling, args.events_per_batch,
-                                 args.num_plot_events)
+                                 args.num_plot_events, effective_samples=args.effective_samples,
+                                 max_samples=args.max_samples)
     count = infer(args.model, args.events, args.out, settings, args.device)
     print(f"{args.out}: posterior.h5 and summary.csv of {count} events")
 
@@ -73,6 +76,11 @@ def parser() -> argparse.ArgumentParser:
     inf.add_argument("events", nargs="+", help="observed-data files (layout observed/1)")
     inf.add_argument("--out", required=True, help="folder for posterior.h5, summary.csv and corner.png")
     inf.add_argument("--num-samples", type=_positive, default=2000, help="posterior samples per event (2000)")
+    inf.add_argument("--effective-samples", type=_positive, default=None,
+                     help="importance sampling draws batches of --num-samples until this effective number per event "
+                          "(default: one batch)")
+    inf.add_argument("--max-samples", type=_positive, default=10000,
+                     help="... or until this many are drawn (10000)")
     inf.add_argument("--no-importance-sampling", action="store_true", help="the network's samples only")
     inf.add_argument("--events-per-batch", type=_positive, default=64, help="events read at a time (64)")
     inf.add_argument("--num-plot-events", type=_positive, default=3, help="corner plots of the first events (3)")

@@ -69,6 +69,7 @@ def validate(config: Settings) -> None:
     check_training(config)
     check_data(config)
     check_gnpe(config)
+    check_sample_budgets(config)
 
 
 def stage_from_file(path: str | Path) -> Settings:
@@ -236,6 +237,15 @@ def check_gnpe(config: Settings) -> None:
     iterations = gnpe["iterations"]
     if iterations["min"] > iterations["max"]:
         raise ValueError(f"gnpe.iterations.min: {iterations['min']} exceeds max ({iterations['max']})")
+
+
+def check_sample_budgets(config: Settings) -> None:
+    """Importance sampling draws at least one batch of num_samples: max_samples is not below it."""
+    for section in ("evaluation", "inference"):
+        budget = config[section]
+        if budget["effective_samples"] is not None and budget["max_samples"] < budget["num_samples"]:
+            raise ValueError(f"{section}.max_samples: {budget['max_samples']} is below {section}.num_samples "
+                             f"({budget['num_samples']}), the size of one batch")
 
 
 def check_data(config: Settings) -> None:
@@ -441,7 +451,8 @@ def resolve_files(spec: str | list[str] | None, key: str) -> list[str]:
     return list(spec)
 
 
-INFERENCE_KEYS = ("num_samples", "importance_sampling", "events_per_batch", "num_plot_events")
+INFERENCE_KEYS = ("num_samples", "effective_samples", "max_samples", "importance_sampling", "events_per_batch",
+                  "num_plot_events")
 SIMULATED_SET = "simulated"  # the observed set that data.simulate writes (inference.simulated_events)
 
 

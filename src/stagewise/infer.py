@@ -11,14 +11,17 @@ batch of events, on how the events are split into files, or on their order. Memo
 posterior.h5 (layout "posterior/1")::
 
     /event_id                (N,)
-    /samples/<parameter>     (N, S) physical values      flow only
+    /samples/<parameter>     (N, S) physical values      flow only; with importance sampling and
+                                                          effective_samples S = max_samples: entries beyond
+                                                          /events/num_samples are NaN (weights 0)
     /samples/log_prob        (N, S) log q in physical units (GNPE: log r(t_hat) + log q; NaN without
                                                           importance sampling, where Gibbs samples have no density)
     /samples/log_prior, log_likelihood, weights (N, S)    with importance sampling: weights have mean 1,
                                                           0 outside the prior (log_likelihood NaN there)
     /samples/time_proxy, delta_log_prob_target (N, S)     GNPE: the proxy t_hat and log kernel(t_hat - t)
-    /events/<column>         (N,) n_eff, efficiency, log_evidence, log_evidence_std, log_noise_evidence,
-                             log_bayes_factor             with importance sampling
+    /events/<column>         (N,) num_samples (drawn), n_eff, efficiency, log_evidence, log_evidence_std,
+                             log_noise_evidence, log_bayes_factor, jsd_<parameter> (the network's marginal
+                             against the importance-weighted one, nat)       with importance sampling
     /events/gnpe_iterations, gnpe_ks_pvalue, outside_kernel_fraction, edge_fraction (N,)   GNPE
     /predictions/<label>, <label>_uncertainty  (N,)      gaussian_regression
     /labels/<name>           (N,) the truth, when the observed files hold it
@@ -27,7 +30,7 @@ posterior.h5 (layout "posterior/1")::
 import dataclasses
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -41,8 +44,9 @@ from tqdm import tqdm
 from . import layouts, seeds
 from .config import Settings
 from .evaluate import plots
-from .evaluate.gnpe import GibbsSettings, GNPESampler
-from .evaluate.importance import ImportanceSampler, likelihood_plan, summary
+from .evaluate.divergence import network_vs_exact, weighted_quantiles
+from .evaluate.gnpe import GibbsSettings, GNPESampler, ProxyDensity
+from .evaluate.importance import ImportanceSampler, SampleBudget, likelihood_plan, summary, weigh_until
 from .files import atomic_path, read_torch_file
 from .models.posterior import PosteriorModel
 from .observed import ObservedFile
@@ -52,7 +56,7 @@ from .sources import Bundle
 log = logging.getLogger(__name__)
 SAMPLE_BLOCK = 4096  # samples per pass through the flow and the likelihood: fixed, so that results never depend on it
 QUANTILES = {"q05": 0.05, "median": 0.5, "q95": 0.95}
-EVIDENCE_COLUMNS = ("n_eff", "efficiency", "log_evidence", "log_evidence_std", "log_noise_evidence",
+EVIDENCE_COLUMNS = ("num_samples", "n_eff", "efficiency", "log_evidence", "log_evidence_std", "log_noise_evidence",
                     "log_bayes_factor")
 GNPE_COLUMNS = ("gnpe_iterations", "gnpe_ks_pvalue", "outside_kernel_fraction", "edge_fraction")
 
@@ -66,6 +70,12 @@ class InferenceSettings:
     events_per_batch: int = 64
     num_plot_events: int = 3
     gnpe_iterations: GibbsSettings = GibbsSettings()  # models with GNPE: the bounds of the Gibbs iterations
+    effective_samples: int | None = None  # importance sampling: batches of num_samples until this n_eff
+    max_samples: int = 10000  # ... or until this many are drawn
+
+    @property
+    def budget(self) -> SampleBudget:
+        return SampleBudget(self.num_samples, self.effective_samples, self.max_samples)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "InferenceSettings":
@@ -76,13 +86,22 @@ class InferenceSettings:
         return cls(**values)
 
 
-class EventPosterior(NamedTuple):
-    """One event's samples, as posterior.h5 stores them."""
+class Batch(NamedTuple):
+    """A batch of one event's samples."""
 
     samples: torch.Tensor  # float64 (S, P) physical values
     log_q: torch.Tensor  # (S,) what importance weights divide by: log q, or with GNPE log q - delta_log_prob_target
-    columns: dict[str, torch.Tensor]  # /samples/<name> (S,) each: log_prob, and with GNPE the proxy columns
-    events: dict[str, float]  # /events/<name>: with GNPE the GNPE_COLUMNS
+    columns: dict[str, torch.Tensor]  # /samples/<name> (S,) each: log_prob, with GNPE the proxy columns
+
+
+class EventPosterior(NamedTuple):
+    """One event's samples, as posterior.h5 stores them."""
+
+    samples: torch.Tensor  # float64 (n, P) physical values, every batch drawn
+    columns: dict[str, torch.Tensor]  # /samples/<name> (n,) each
+    events: dict[str, float]  # /events/<name>
+    weights: np.ndarray | None  # (n,) importance weights of mean 1, None without importance sampling
+    network: torch.Tensor  # (S, P) the network's samples (with GNPE the Gibbs samples): all there is without IS
 
 
 class InferenceModel:
@@ -136,37 +155,38 @@ class InferenceModel:
         features = torch.cat([simulator.asd_features(asd[None]) for asd in asds])  # one by one: no batch effect
         return trafo.inputs_to_network(inputs), features, whitened
 
-    def gnpe_posterior(self, sampler: GNPESampler, whitened: torch.Tensor, features: torch.Tensor, event_id: int,
-                       num_samples: int, seed: int, weigh: bool) -> EventPosterior:
-        """One event's GNPE samples from its whitened data (D, F): the Gibbs samples, or when they are to be
-        weighed those of the pass with the proxy density (GNPESampler)."""
+    def gnpe_chains(self, sampler: GNPESampler, whitened: torch.Tensor, features: torch.Tensor, event_id: int,
+                    num_samples: int, seed: int) -> tuple[Any, torch.Generator]:
+        """One event's Gibbs chains (GNPESampler.gibbs) from its whitened data (D, F), and the event's generator
+        to draw on with."""
         generator = seeds.generator(seed, "infer", int(event_id), device=self.device)
-        chains = sampler.gibbs(whitened.to(self.device), features, num_samples, generator)
-        events = {"gnpe_iterations": chains.iterations, "gnpe_ks_pvalue": chains.ks_pvalue,
-                  **sampler.edge_fractions(chains.offsets)}
-        if not weigh:
-            unknown = torch.full((num_samples,), math.nan, dtype=torch.float64)
-            used = (chains.samples[:, sampler.time] - chains.offsets).cpu()  # the proxies of the last iteration
-            columns = {"log_prob": unknown, "time_proxy": used, "delta_log_prob_target": unknown}
-            return EventPosterior(chains.samples.cpu(), unknown, columns, events)
-        draw = sampler.importance_draw(whitened.to(self.device), features, chains.proxies, generator)
-        columns = {"log_prob": draw.log_prob.cpu(), "time_proxy": draw.proxies.cpu(),
-                   "delta_log_prob_target": draw.delta_log_prob_target.cpu()}
-        return EventPosterior(draw.samples.cpu(), (draw.log_prob - draw.delta_log_prob_target).cpu(), columns, events)
+        return sampler.gibbs(whitened.to(self.device), features, num_samples, generator), generator
+
+    def gnpe_batches(self, sampler: GNPESampler, whitened: torch.Tensor, features: torch.Tensor,
+                     density: ProxyDensity, num_samples: int, generator: torch.Generator) -> Iterator[Batch]:
+        """Batches of the importance-sampling pass with proxies from `density` (GNPESampler.importance_draw)."""
+        while True:
+            draw = sampler.importance_draw(whitened.to(self.device), features, density, num_samples, generator)
+            columns = {"log_prob": draw.log_prob.cpu(), "time_proxy": draw.proxies.cpu(),
+                       "delta_log_prob_target": draw.delta_log_prob_target.cpu()}
+            yield Batch(draw.samples.cpu(), (draw.log_prob - draw.delta_log_prob_target).cpu(), columns)
 
     @torch.no_grad()
-    def posterior(self, inputs: torch.Tensor, features: torch.Tensor, event_id: int, num_samples: int,
-                  seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(physical samples float64 (S, P), log q in physical units (S,)) of one event (inputs (1, ...))."""
+    def flow_batches(self, inputs: torch.Tensor, features: torch.Tensor, event_id: int, num_samples: int,
+                     seed: int) -> Iterator[Batch]:
+        """Batches of one event's samples (inputs (1, ...)): physical float64 (S, P) with log q in physical
+        units (S,)."""
         generator = seeds.generator(seed, "infer", int(event_id))
-        noise = torch.randn(num_samples, len(self.names), generator=generator).to(self.device)
         context = self.network.embedding(inputs, features)
-        trafo, samples, log_q = self.bundle.trafo, [], []
-        for start in range(0, num_samples, SAMPLE_BLOCK):
-            z, log_q_network = self.network.from_noise(noise[start:start + SAMPLE_BLOCK], context)
-            samples.append(trafo.labels_from_network(z).cpu())
-            log_q.append((log_q_network.to(torch.float64) + trafo.log_abs_det_jacobian(z)).cpu())
-        return torch.cat(samples), torch.cat(log_q)
+        trafo = self.bundle.trafo
+        while True:
+            noise = torch.randn(num_samples, len(self.names), generator=generator).to(self.device)
+            samples, log_q = [], []
+            for start in range(0, num_samples, SAMPLE_BLOCK):
+                z, log_q_network = self.network.from_noise(noise[start:start + SAMPLE_BLOCK], context)
+                samples.append(trafo.labels_from_network(z).cpu())
+                log_q.append((log_q_network.to(torch.float64) + trafo.log_abs_det_jacobian(z)).cpu())
+            yield Batch(torch.cat(samples), torch.cat(log_q), {"log_prob": torch.cat(log_q)})
 
     def predict(self, inputs: torch.Tensor, features: torch.Tensor) -> dict[str, np.ndarray]:
         """gaussian_regression: {label: mean, label_uncertainty: sigma} in physical units (n,) each; sigma
@@ -204,36 +224,32 @@ class ImportanceWeights:
         plan, reason = likelihood_plan(model.bundle.problem)
         return (None, reason) if plan is None else (cls(model, plan), None)
 
-    def __call__(self, samples: torch.Tensor, log_q: torch.Tensor, whitened: torch.Tensor,
-                 asd: torch.Tensor) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        """({log_prior, log_likelihood, weights} (S,) each, {n_eff, efficiency, log_evidence, ...})."""
-        log_prior = self.sampler.log_prior(samples)
-        inside = torch.isfinite(log_prior)
-        log_likelihood = torch.full_like(log_prior, math.nan)
-        for start in range(0, len(samples), SAMPLE_BLOCK):
-            block = slice(start, start + SAMPLE_BLOCK)
-            where = inside[block].nonzero().flatten() + start
-            if len(where):
-                log_likelihood[where] = self.sampler.log_likelihood(samples[where], whitened, asd)
-        log_w = torch.where(inside, log_likelihood + log_prior - log_q, torch.full_like(log_q, -math.inf))
+    def weigh(self, batches: Iterable[Batch], whitened: torch.Tensor, asd: torch.Tensor,
+              budget: SampleBudget) -> tuple[list[Batch], np.ndarray, dict[str, float]]:
+        """(the batches drawn until `budget` is met, each with its log_prior, log_likelihood columns, the
+        weights of all (n,) with mean 1, {num_samples, n_eff, efficiency, log_evidence, ...})."""
+        drawn, log_w = weigh_until(batches, lambda batch: self.log_weights(batch, whitened, asd), budget)
         efficiency, log_evidence, log_evidence_std = summary(log_w)
         weights = torch.exp(log_w - torch.logsumexp(log_w, 0)) * len(log_w) if efficiency > 0 else \
             torch.zeros_like(log_w)
         log_noise = noise_log_likelihood(whitened)
-        return ({"log_prior": log_prior.numpy(), "log_likelihood": log_likelihood.numpy(), "weights": weights.numpy()},
-                {"n_eff": efficiency * len(log_w), "efficiency": efficiency, "log_evidence": log_evidence,
-                 "log_evidence_std": log_evidence_std, "log_noise_evidence": log_noise,
-                 "log_bayes_factor": log_evidence - log_noise})
+        return drawn, weights.numpy(), {
+            "num_samples": len(log_w), "n_eff": efficiency * len(log_w), "efficiency": efficiency,
+            "log_evidence": log_evidence, "log_evidence_std": log_evidence_std, "log_noise_evidence": log_noise,
+            "log_bayes_factor": log_evidence - log_noise}
 
-
-def weighted_quantiles(values: np.ndarray, weights: np.ndarray | None, quantiles: Sequence[float]) -> np.ndarray:
-    """Quantiles of samples (S,) with weights (S,) (None: equal), from the weighted empirical CDF."""
-    order = np.argsort(values)
-    cumulative = np.cumsum(np.ones(len(values)) if weights is None else weights[order])
-    if cumulative[-1] <= 0:
-        return np.full(len(quantiles), np.nan)
-    index = np.searchsorted(cumulative / cumulative[-1], quantiles)
-    return values[order][np.minimum(index, len(values) - 1)]
+    def log_weights(self, batch: Batch, whitened: torch.Tensor, asd: torch.Tensor) -> torch.Tensor:
+        """log w (S,) of a batch, -inf outside the prior; adds its log_prior and log_likelihood columns."""
+        log_prior = self.sampler.log_prior(batch.samples)
+        inside = torch.isfinite(log_prior)
+        log_likelihood = torch.full_like(log_prior, math.nan)
+        for start in range(0, len(batch.samples), SAMPLE_BLOCK):
+            block = slice(start, start + SAMPLE_BLOCK)
+            where = inside[block].nonzero().flatten() + start
+            if len(where):
+                log_likelihood[where] = self.sampler.log_likelihood(batch.samples[where], whitened, asd)
+        batch.columns.update(log_prior=log_prior, log_likelihood=log_likelihood)
+        return torch.where(inside, log_likelihood + log_prior - batch.log_q, torch.full_like(batch.log_q, -math.inf))
 
 
 def _events(files: Sequence[ObservedFile], size: int) -> Iterator[dict[str, Any]]:
@@ -284,7 +300,7 @@ class _Writer:
                  num_events: int, labels: Sequence[str], weigh: bool) -> None:
         self.out, self.summary, self.model, self.settings, self.labels = out, summary, model, settings, labels
         self.done = 0
-        self.shown: list[tuple[int, np.ndarray, np.ndarray | None, list[float] | None]] = []
+        self.shown: list[tuple[int, EventPosterior, list[float] | None]] = []
         self.seed = model.bundle.problem.seed or 0
         self.gnpe = model.gnpe_sampler(settings.gnpe_iterations) if model.gnpe else None
         layouts.write_header(out, layouts.POSTERIOR, {"inference": dataclasses.asdict(settings), "model": model.path,
@@ -294,13 +310,16 @@ class _Writer:
         out.create_dataset("event_id", (num_events,), dtype=np.int64)
         for name in labels:
             out.create_dataset(f"labels/{name}", (num_events,), dtype=np.float64)
-        shape, chunks = (num_events, settings.num_samples), (1, settings.num_samples)
+        width = settings.budget.width if weigh else settings.num_samples
+        shape, chunks = (num_events, width), (1, settings.num_samples)  # chunks never written take no room
         if model.kind == "flow":
             columns = [*model.names, "log_prob", *(("time_proxy", "delta_log_prob_target") if model.gnpe else ()),
                        *(("log_prior", "log_likelihood", "weights") if weigh else ())]
             for name in columns:
-                out.create_dataset(f"samples/{name}", shape, dtype=np.float64, chunks=chunks)
-            for name in (EVIDENCE_COLUMNS if weigh else ()) + (GNPE_COLUMNS if model.gnpe else ()):
+                out.create_dataset(f"samples/{name}", shape, dtype=np.float64, chunks=chunks,
+                                   fillvalue=0.0 if name == "weights" else np.nan)
+            jsd = tuple(f"jsd_{name}" for name in model.names)
+            for name in (EVIDENCE_COLUMNS + jsd if weigh else ()) + (GNPE_COLUMNS if model.gnpe else ()):
                 out.create_dataset(f"events/{name}", (num_events,), dtype=np.float64)
         else:
             for name in model.names:
@@ -325,49 +344,72 @@ class _Writer:
                     for j, row in enumerate(base)]
         else:
             for j in range(n):
-                event = self.event_posterior(inputs[j:j + 1], features[j:j + 1], whitened, j, block["event_id"][j],
-                                             importance is not None)
-                samples, weights, evidence = event.samples, None, dict(event.events)
+                asd = None if whitened is None else torch.as_tensor(block["asds"][j])
+                event = self.event_posterior(inputs[j:j + 1], features[j:j + 1], whitened, asd, j,
+                                             block["event_id"][j], importance)
+                drawn = len(event.samples)
                 for i, name in enumerate(model.names):
-                    out[f"samples/{name}"][start + j] = samples[:, i].numpy()
+                    out[f"samples/{name}"][start + j, :drawn] = event.samples[:, i].numpy()
                 for name, per_draw in event.columns.items():
-                    out[f"samples/{name}"][start + j] = per_draw.numpy()
-                if importance is not None:
-                    assert whitened is not None  # importance sampling means signals
-                    per_sample, weighed = importance(samples, event.log_q, whitened[j],
-                                                     torch.as_tensor(block["asds"][j]))
-                    for name, values in per_sample.items():
-                        out[f"samples/{name}"][start + j] = values
-                    evidence |= weighed
-                    weights = per_sample["weights"]
-                for name, value in evidence.items():
+                    out[f"samples/{name}"][start + j, :drawn] = per_draw.numpy()
+                if event.weights is not None:
+                    out["samples/weights"][start + j, :drawn] = event.weights
+                for name, value in event.events.items():
                     out[f"events/{name}"][start + j] = value
                 row = base[j]
                 for i, name in enumerate(model.names):
-                    values = weighted_quantiles(samples[:, i].numpy(), weights, list(QUANTILES.values()))
+                    values = weighted_quantiles(event.samples[:, i].numpy(), event.weights, list(QUANTILES.values()))
                     row |= {f"{name}_{q}": float(v) for q, v in zip(QUANTILES, values, strict=True)}
-                rows.append(row | evidence | true_columns[j])
+                rows.append(row | event.events | true_columns[j])
                 if len(self.shown) < self.settings.num_plot_events:
                     truths = [float(block["labels"][k][j]) for k in model.names] if set(model.names) <= set(
                         self.labels) else None
-                    self.shown.append((int(block["event_id"][j]), samples.numpy(), weights, truths))
+                    self.shown.append((int(block["event_id"][j]), event, truths))
         pd.DataFrame(rows).to_csv(self.summary, mode="a", header=start == 0, index=False)
         self.done += n
 
-    def event_posterior(self, inputs: torch.Tensor, features: torch.Tensor, whitened: torch.Tensor | None, j: int,
-                        event_id: int, weigh: bool) -> EventPosterior:
-        """The samples of event j of a block: inputs (1, ...), features (1, A), the block's whitened data."""
-        settings, model = self.settings, self.model
+    def event_posterior(self, inputs: torch.Tensor, features: torch.Tensor, whitened: torch.Tensor | None,
+                        asd: torch.Tensor | None, j: int, event_id: int,
+                        importance: "ImportanceWeights | None") -> EventPosterior:
+        """The samples of event j of a block: inputs (1, ...), features (1, A), the block's whitened data,
+        the event's ASD; importance-weighted batches until the sample budget is met, when weighed."""
+        settings, model, events = self.settings, self.model, {}
         if self.gnpe is not None:
             assert whitened is not None  # GNPE means signals
-            return model.gnpe_posterior(self.gnpe, whitened[j], features, event_id, settings.num_samples, self.seed,
-                                        weigh)
-        samples, log_q = model.posterior(inputs, features, event_id, settings.num_samples, self.seed)
-        return EventPosterior(samples, log_q, {"log_prob": log_q}, {})
+            sampler = self.gnpe
+            chains, generator = model.gnpe_chains(sampler, whitened[j], features, event_id, settings.num_samples,
+                                                  self.seed)
+            network = chains.samples.cpu()
+            events = {"gnpe_iterations": chains.iterations, "gnpe_ks_pvalue": chains.ks_pvalue,
+                      **sampler.edge_fractions(chains.offsets)}
+            if importance is None:
+                unknown = torch.full((settings.num_samples,), math.nan, dtype=torch.float64)
+                used = (chains.samples[:, sampler.time] - chains.offsets).cpu()  # the proxies of the last iteration
+                columns = {"log_prob": unknown, "time_proxy": used, "delta_log_prob_target": unknown}
+                return EventPosterior(network, columns, events, None, network)
+            batches = model.gnpe_batches(sampler, whitened[j], features, ProxyDensity(chains.proxies),
+                                         settings.num_samples, generator)
+        else:
+            batches = model.flow_batches(inputs, features, event_id, settings.num_samples, self.seed)
+            if importance is None:
+                batch = next(batches)
+                return EventPosterior(batch.samples, batch.columns, events, None, batch.samples)
+        assert whitened is not None and asd is not None  # importance sampling means signals
+        drawn, weights, evidence = importance.weigh(batches, whitened[j], asd, settings.budget)
+        samples = torch.cat([batch.samples for batch in drawn])
+        columns = {name: torch.cat([batch.columns[name] for batch in drawn]) for name in drawn[0].columns}
+        if self.gnpe is None:
+            network = drawn[0].samples
+        divergences = network_vs_exact(network.numpy(), samples.numpy(), weights / max(weights.sum(), 1e-300),
+                                       model.names)
+        events |= evidence | {f"jsd_{name}": value for name, value in divergences.items()}
+        return EventPosterior(samples, columns, events, weights, network)
 
     def corner(self, path: Path) -> None:
         """Corner plots of the first num_plot_events events: network samples, reweighted ones, truths."""
-        ids, samples, weights, truths = zip(*self.shown, strict=True)
-        normalised = None if weights[0] is None else np.stack([w / w.sum() if w.sum() > 0 else w for w in weights])
-        plots.corner_plots(np.stack(samples), normalised, None if truths[0] is None else np.array(truths),
-                           self.model.names, path, titles=[f"event_id {i}" for i in ids])
+        ids, events, truths = zip(*self.shown, strict=True)
+        exact = None if events[0].weights is None else [
+            (e.samples.numpy(), e.weights / e.weights.sum() if e.weights.sum() > 0 else e.weights) for e in events]
+        plots.corner_plots(np.stack([e.network.numpy() for e in events]), exact,
+                           None if truths[0] is None else np.array(truths), self.model.names, path,
+                           titles=[f"event_id {i}" for i in ids])

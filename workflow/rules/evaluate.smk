@@ -31,7 +31,12 @@ if not settings.is_regression(config):
                 caption=f"../report/{name}.rst",
                 category="Evaluation",
             )
-            for name in ("pp_plot", "corner")
+            for name in (
+                "pp_plot",
+                "corner",
+                "network_vs_exact",
+                "network_vs_exact_worst",
+            )
         },
     )
 if GNPE:

@@ -174,11 +174,10 @@ class GNPESampler:
             if converged or iteration >= self.settings.max:
                 return Gibbs(samples, offsets, proxies, iteration, pvalue)
 
-    def importance_draw(self, whitened: torch.Tensor, features: torch.Tensor, proxies: torch.Tensor,
-                        generator: torch.Generator) -> Draw:
-        """One pass with proxies drawn from the density fitted to converged `proxies` (as many samples)."""
-        density = ProxyDensity(proxies)
-        drawn = density.sample(len(proxies), generator)
+    def importance_draw(self, whitened: torch.Tensor, features: torch.Tensor, density: ProxyDensity,
+                        num_samples: int, generator: torch.Generator) -> Draw:
+        """One pass with proxies drawn from `density`, fitted to converged proxies (ProxyDensity(gibbs.proxies))."""
+        drawn = density.sample(num_samples, generator)
         samples, log_q = self.conditional(whitened, features, drawn, generator)
         offsets = samples[:, self.time] - drawn
         delta = torch.where(offsets.abs() <= self.kernel, torch.full_like(offsets, -math.log(2 * self.kernel)),

@@ -8,18 +8,19 @@ q covers the posterior.
 """
 
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..config import Problem
 from ..data import StrainSimulator
 from ..priors import Prior, make_priors
 from ..simulate.likelihood import log_likelihood, phase_marginalised_log_likelihood
 
+B = TypeVar("B")
 LIKELIHOOD_PARAMETERS = ("f0", "tau", "snr", "phase", "time")
 
 
@@ -89,28 +90,68 @@ class ImportanceSampler:
         return log_w
 
 
-def importance_sample(sampler: ImportanceSampler, samples: torch.Tensor, log_q: torch.Tensor,
-                      whitened_data: torch.Tensor, asds: torch.Tensor) -> torch.Tensor:
-    """log w (N, S) for N injections: samples (N, S, P), log_q (N, S), data and ASDs (N, D, F)."""
-    rows = [sampler.log_weights(samples[i], log_q[i], whitened_data[i], asds[i])
-            for i in tqdm(range(len(samples)), desc="importance sampling", mininterval=5)]
-    return torch.stack(rows)
+@dataclass(frozen=True)
+class SampleBudget:
+    """How many samples importance sampling draws per event: batches of num_samples until the effective
+    number of all drawn reaches effective_samples (None: one batch), at most max_samples."""
+
+    num_samples: int = 2000
+    effective_samples: int | None = None
+    max_samples: int | None = None
+
+    @property
+    def max_batches(self) -> int:
+        if self.effective_samples is None or self.max_samples is None:
+            return 1
+        return max(1, self.max_samples // self.num_samples)
+
+    @property
+    def width(self) -> int:
+        """The most samples an event can have."""
+        return self.max_batches * self.num_samples
+
+
+class Exact(NamedTuple):
+    """One event's importance-weighted samples: the exact posterior where the network covers it."""
+
+    samples: np.ndarray  # (n, P) physical values
+    weights: np.ndarray  # (n,) summing to one (all zero when every weight is)
+
+
+def effective_samples(log_w: torch.Tensor) -> float:
+    """Kish's effective number (sum w)^2 / sum w^2 of log weights (n,); 0 when every weight is 0."""
+    if not torch.isfinite(log_w).any():
+        return 0.0
+    return float(1.0 / torch.softmax(log_w, dim=0).square().sum())
+
+
+def weigh_until(batches: Iterable[B], log_weights: Callable[[B], torch.Tensor],
+                budget: SampleBudget) -> tuple[list[B], torch.Tensor]:
+    """(the batches weighed, the log weights of all of them (n,)): weigh one batch after the other until
+    the effective number of all reaches budget.effective_samples, or budget.max_batches are drawn. The
+    efficiency is then that of every sample drawn, not of a first batch alone (a small one overestimates it)."""
+    drawn, log_w = [], []
+    for count, batch in enumerate(batches, start=1):
+        drawn.append(batch)
+        log_w.append(log_weights(batch))
+        target = budget.effective_samples
+        if target is None or count >= budget.max_batches or effective_samples(torch.cat(log_w)) >= target:
+            break
+    return drawn, torch.cat(log_w)
 
 
 def summary(log_w: torch.Tensor) -> tuple[float, float, float]:
     """(efficiency n_eff / n, log evidence, its standard error) of one injection's log weights (S,)."""
-    n = log_w.numel()
-    if not torch.isfinite(log_w).any():
+    n, n_eff = log_w.numel(), effective_samples(log_w)
+    if n_eff == 0:
         return 0.0, -math.inf, math.inf
-    weights = torch.softmax(log_w, dim=0)
-    n_eff = float(1.0 / weights.square().sum())
     log_evidence = float(torch.logsumexp(log_w, dim=0)) - math.log(n)
     return n_eff / n, log_evidence, math.sqrt(max(n - n_eff, 0.0) / (n * n_eff))
 
 
 def normalised_weights(log_w: torch.Tensor) -> np.ndarray:
-    """Weights (N, S) summing to one per injection (all zero where every weight is)."""
-    weights = torch.softmax(log_w, dim=1)
+    """Weights (n,) summing to one (all zero where every weight is)."""
+    weights = torch.softmax(log_w, dim=0)
     return torch.nan_to_num(weights, nan=0.0).numpy()
 
 

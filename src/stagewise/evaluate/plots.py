@@ -2,7 +2,6 @@
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
@@ -56,20 +55,21 @@ def pp_plot(levels: np.ndarray, names: Sequence[str], pvalues: Mapping[str, floa
     _save(fig, path)
 
 
-def corner_plots(samples: np.ndarray, weights: np.ndarray | None, truths: np.ndarray | None, names: Sequence[str],
-                 path: str | Path, titles: Sequence[str] | None = None) -> None:
-    """A corner plot per event, side by side: network samples, IS-reweighted samples, truth.
+def corner_plots(network: np.ndarray, exact: Sequence[tuple[np.ndarray, np.ndarray]] | None, truths: np.ndarray | None,
+                 names: Sequence[str], path: str | Path, titles: Sequence[str] | None = None) -> None:
+    """A corner plot per event, side by side: the network's samples, the importance-weighted ones, truth.
 
-    samples (E, S, P); weights (E, S) summing to one per event, or None without IS; truths (E, P) or
-    None when unknown; titles: one per event (default "test event <e>")."""
-    events, num_samples, count = samples.shape
-    if weights is not None:  # a fixed-seed resampling, only to show the reweighted samples as points
+    network (E, S, P); exact: per event samples (n, P) and weights (n,) summing to one, or None without IS;
+    truths (E, P) or None when unknown; titles: one per event (default "test event <e>")."""
+    events, num_samples, count = network.shape
+    if exact is not None:  # a fixed-seed resampling, only to show the weighted samples as points
         rng = np.random.default_rng(0)
-        resampled: list[Any] = [rng.choice(num_samples, num_samples, p=w) if w.sum() > 0 else [] for w in weights]
+        resampled = [s[rng.choice(len(w), num_samples, p=w)] if w.sum() > 0 else s[:0] for s, w in exact]
     fig = plt.figure(figsize=(3.2 * count * events, 3.2 * count))
     for e, subfig in enumerate(np.atleast_1d(fig.subfigures(1, events))):  # type: ignore[arg-type]
         axes = subfig.subplots(count, count, squeeze=False)
-        ranges = [np.quantile(samples[e, :, i], [0.001, 0.999]) for i in range(count)]
+        shown = network[e] if exact is None else np.concatenate([network[e], resampled[e]])
+        ranges = [np.quantile(shown[:, i], [0.001, 0.999]) for i in range(count)]
         for r in range(count):
             for c in range(count):
                 ax = axes[r, c]
@@ -77,15 +77,15 @@ def corner_plots(samples: np.ndarray, weights: np.ndarray | None, truths: np.nda
                     ax.set_axis_off()
                     continue
                 if r == c:
-                    _marginal(ax, samples[e, :, c], None if weights is None else weights[e], ranges[c])
+                    _marginal(ax, network[e, :, c], None if exact is None else (exact[e][0][:, c], exact[e][1]),
+                              ranges[c])
                     if truths is not None:
                         ax.axvline(truths[e, c], color="C3")
                     ax.set_yticks([])
                 else:
-                    ax.scatter(samples[e, :, c], samples[e, :, r], s=1, color="C0", alpha=0.2, rasterized=True)
-                    if weights is not None:
-                        drawn = resampled[e]
-                        ax.scatter(samples[e, drawn, c], samples[e, drawn, r], s=1, color="C1", alpha=0.2,
+                    ax.scatter(network[e, :, c], network[e, :, r], s=1, color="C0", alpha=0.2, rasterized=True)
+                    if exact is not None:
+                        ax.scatter(resampled[e][:, c], resampled[e][:, r], s=1, color="C1", alpha=0.2,
                                    rasterized=True)
                     if truths is not None:
                         ax.plot(truths[e, c], truths[e, r], marker="x", color="C3", markersize=8)
@@ -99,20 +99,22 @@ def corner_plots(samples: np.ndarray, weights: np.ndarray | None, truths: np.nda
     handles = [plt.Line2D([], [], color="C0", label="network")]
     if truths is not None:
         handles.append(plt.Line2D([], [], color="C3", label="truth"))
-    if weights is not None:
-        handles.insert(1, plt.Line2D([], [], color="C1", label="importance-sampled"))
+    if exact is not None:
+        handles.insert(1, plt.Line2D([], [], color="C1", label="importance-weighted"))
     fig.legend(handles=handles, loc="upper right")
     _save(fig, path)
 
 
-def time_posteriors(times: np.ndarray, weights: np.ndarray | None, truths: np.ndarray, path: str | Path) -> None:
-    """The arrival time's posterior of a few events, in microseconds from the truth: times (E, S), weights
-    (E, S) summing to one per event or None, truths (E,)."""
-    events = len(times)
+def time_posteriors(network: np.ndarray, exact: Sequence[tuple[np.ndarray, np.ndarray]] | None, truths: np.ndarray,
+                    path: str | Path) -> None:
+    """The arrival time's posterior of a few events, in microseconds from the truth: the network's times
+    (E, S), per event the importance-weighted times (n,) with weights (n,) or None, truths (E,)."""
+    events = len(network)
     fig, axes = plt.subplots(1, events, figsize=(3.4 * events, 3), squeeze=False)
     for e, ax in enumerate(axes[0]):
-        offsets = (times[e] - truths[e]) * 1e6
-        _marginal(ax, offsets, None if weights is None else weights[e], np.quantile(offsets, [0.005, 0.995]))
+        offsets = (network[e] - truths[e]) * 1e6
+        weighed = None if exact is None else ((exact[e][0] - truths[e]) * 1e6, exact[e][1])
+        _marginal(ax, offsets, weighed, np.quantile(offsets, [0.005, 0.995]))
         ax.axvline(0.0, color="C3")
         ax.set(xlabel="time - true time (us)", title=f"test event {e}")
         ax.set_yticks([])
@@ -136,11 +138,38 @@ def gnpe_iterations(table: pd.DataFrame, path: str | Path) -> None:
     _save(fig, path)
 
 
-def _marginal(ax, values, weights, value_range):
+def network_vs_exact(divergences: Mapping[str, np.ndarray], path: str | Path) -> None:
+    """The distribution over injections of each parameter's JSD between the network's and the exact
+    marginal (nat), with the levels 0.002 (indistinguishable posteriors) and 0.02."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (name, values) in enumerate(divergences.items()):
+        values = np.sort(values[np.isfinite(values)])
+        if len(values):
+            ax.step(np.maximum(values, 1e-5), np.arange(1, len(values) + 1) / len(values), where="post",
+                    color=f"C{i}", label=f"{name} (median {np.median(values):.3g})")
+    for level in (0.002, 0.02):
+        ax.axvline(level, color="gray", linestyle="--", linewidth=1)
+    count = max((len(v) for v in divergences.values()), default=0)
+    ax.set(xscale="log", xlabel="JSD of the marginals, network vs importance-weighted (nat)",
+           ylabel="fraction of injections below", title=f"Network vs exact posterior, {count} injections")
+    ax.legend(fontsize="small")
+    _save(fig, path)
+
+
+def empty(message: str, path: str | Path) -> None:
+    """A plot that says why there is nothing to show."""
+    fig, ax = plt.subplots(figsize=(5, 2))
+    ax.text(0.5, 0.5, message, ha="center", va="center")
+    ax.set_axis_off()
+    _save(fig, path)
+
+
+def _marginal(ax, values, exact, value_range):
+    """Histograms of the network's samples and, when `exact` (samples, weights) is given, the weighted ones."""
     bins = np.linspace(*value_range, 41)
     ax.hist(values, bins=bins, density=True, histtype="step", color="C0")
-    if weights is not None:
-        ax.hist(values, bins=bins, weights=weights, density=True, histtype="step", color="C1")
+    if exact is not None and exact[1].sum() > 0:
+        ax.hist(exact[0], bins=bins, weights=exact[1], density=True, histtype="step", color="C1")
     ax.set_xlim(value_range)
 
 

@@ -2,9 +2,12 @@
 test loss, per-label residuals, pulls and coverage, the metrics table and the common plots; the
 flow (a posterior) also P-P calibration, posterior widths, corner plots and importance sampling."""
 
+import functools
 import hashlib
+import itertools
 import json
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -24,14 +27,17 @@ from ..svd import load_svd
 from ..trafo import Trafo
 from . import plots
 from .calibration import combined_pvalue, credible_levels, gaussian_summary, ks_pvalues
-from .gnpe import GibbsSettings, GNPESampler
+from .divergence import network_vs_exact
+from .gnpe import GibbsSettings, GNPESampler, ProxyDensity
 from .importance import (
+    Exact,
     ImportanceSampler,
+    SampleBudget,
     efficiency_quantiles,
-    importance_sample,
     likelihood_plan,
     normalised_weights,
     summary,
+    weigh_until,
 )
 
 log = logging.getLogger(__name__)
@@ -110,8 +116,8 @@ def metrics_head(model_type: str, test: TestSet, test_loss: float) -> dict[str, 
 def flow_metrics(settings: Settings, inputs: EvaluationInputs, trafo: Trafo, device: torch.device,
                  outdir: Path) -> tuple[dict[str, Any], np.ndarray, TestSet]:
     """(metrics, pulls of the posterior means (N, P), test set) of the flow; writes its own files:
-    importance_sampling.csv, pp_plot.png and corner.png, and with GNPE gnpe.csv, gnpe_iterations.png and
-    time_posterior.png."""
+    importance_sampling.csv, pp_plot.png and corner.png, with a likelihood network_vs_exact.png and
+    network_vs_exact_worst.png, and with GNPE gnpe.csv, gnpe_iterations.png and time_posterior.png."""
     model, state = load_flow_model(inputs.model, device)
     model.eval()
     test = test_set(settings, inputs, trafo, state["stage"], device)
@@ -123,8 +129,9 @@ def flow_metrics(settings: Settings, inputs: EvaluationInputs, trafo: Trafo, dev
         assert isinstance(test.source, SignalSource)  # GNPE aligns signals
         sampler = GNPESampler.from_bundle(model, trafo, state["inference"]["gnpe"], test.source.simulator.frequencies,
                                           GibbsSettings(**settings["gnpe"]["iterations"]))
-    samples, draws, mean_network, std_network, gnpe_table = flow_posteriors(model, sampler, trafo, test, settings)
-    levels = credible_levels(samples.numpy(), test.truths)
+    posteriors = flow_posteriors(model, sampler, trafo, test, settings)
+    samples = posteriors.samples.numpy()
+    levels = credible_levels(samples, test.truths)
     pvalues = ks_pvalues(levels, names)
     priors = make_priors(problem.priors)
     prior_stds = {n: priors[n].std() for n in names}
@@ -133,34 +140,47 @@ def flow_metrics(settings: Settings, inputs: EvaluationInputs, trafo: Trafo, dev
         "pp_ks_pvalue": pvalues,
         "pp_ks_pvalue_combined": combined_pvalue(pvalues),
         "posterior_std_over_prior_std": {
-            n: float(np.median(samples[:, :, i].std(dim=1).numpy()) / prior_stds[n]) for i, n in enumerate(names)
+            n: float(np.median(samples[:, :, i].std(axis=1)) / prior_stds[n]) for i, n in enumerate(names)
             if prior_stds[n]
         },
-        "per_label": gaussian_summary(names, test.theta.cpu().numpy(), mean_network.numpy(), std_network.numpy(),
-                                      test.truths, samples.mean(1).numpy()),
+        "per_label": gaussian_summary(names, test.theta.cpu().numpy(), posteriors.mean_network.numpy(),
+                                      posteriors.std_network.numpy(), test.truths, samples.mean(1)),
     }
-    metrics["importance_sampling"], weights, per_injection = importance_sampling(problem, test, *draws, outdir)
-    log.info("test loss %.4f, P-P KS p-values %s, importance sampling %s", test_loss, pvalues,
-             metrics["importance_sampling"])
+    budget = SampleBudget(evaluation["num_samples"], evaluation["effective_samples"], evaluation["max_samples"])
+    metrics["importance_sampling"], exact, per_injection = importance_sampling(problem, test, posteriors.draws,
+                                                                               budget)
+    if exact is not None:
+        per_injection, metrics["network_vs_exact"] = network_vs_exact_report(samples, exact, per_injection, budget,
+                                                                             test.truths, names, outdir)
+    else:  # no likelihood, nothing exact to compare with
+        for plot in ("network_vs_exact", "network_vs_exact_worst"):
+            plots.empty(f"no importance sampling: {metrics['importance_sampling']['skipped']}", outdir / f"{plot}.png")
+    with atomic_path(outdir / "importance_sampling.csv") as tmp:
+        per_injection.to_csv(tmp, index=False)
+    log.info("test loss %.4f, P-P KS p-values %s, importance sampling %s, network vs exact %s", test_loss, pvalues,
+             metrics["importance_sampling"], metrics.get("network_vs_exact"))
     plots.pp_plot(levels, names, pvalues, outdir / "pp_plot.png")
     shown = evaluation["num_plot_events"]
-    plotted = (draws[0] if weights is not None else samples).numpy()[:shown]  # the weighted samples, when weighed
-    plots.corner_plots(plotted, None if weights is None else weights[:shown], test.truths[:shown], names,
-                       outdir / "corner.png")
-    if sampler is not None and gnpe_table is not None:  # GNPE
-        metrics["gnpe"] = gnpe_report(gnpe_table, per_injection, sampler, outdir)
+    shown_exact = None if exact is None else exact[:shown]
+    plots.corner_plots(samples[:shown], shown_exact, test.truths[:shown], names, outdir / "corner.png")
+    if sampler is not None and posteriors.gnpe is not None:  # GNPE
+        metrics["gnpe"] = gnpe_report(posteriors.gnpe, per_injection, sampler, outdir)
         time = names.index("time")
-        plots.time_posteriors(plotted[:, :, time], None if weights is None else weights[:shown],
+        plots.time_posteriors(samples[:shown, :, time],
+                              None if shown_exact is None else [(s[:, time], w) for s, w in shown_exact],
                               test.truths[:shown, time], outdir / "time_posterior.png")
-    pulls = (mean_network.numpy() - test.theta.cpu().numpy()) / std_network.numpy()
+    pulls = (posteriors.mean_network.numpy() - test.theta.cpu().numpy()) / posteriors.std_network.numpy()
     return metrics, pulls, test
+
+
+Draws = Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
 
 
 class FlowPosteriors(NamedTuple):
     """The flow's posteriors of the test injections."""
 
     samples: torch.Tensor  # (N, S, P) physical: the network's (with GNPE the Gibbs samples)
-    weighable: tuple[torch.Tensor, torch.Tensor]  # samples (N, S, P) and their log q (N, S) to importance-sample
+    draws: Draws | None  # injection -> batches of samples (S, P) and their log q (S,) to weigh; None: no likelihood
     mean_network: torch.Tensor  # (N, P) mean of the samples in network space
     std_network: torch.Tensor  # (N, P) their std
     gnpe: pd.DataFrame | None  # GNPE: a row per injection (gnpe_posteriors)
@@ -168,20 +188,38 @@ class FlowPosteriors(NamedTuple):
 
 def flow_posteriors(model: PosteriorModel, sampler: GNPESampler | None, trafo: Trafo, test: TestSet,
                     settings: Settings) -> FlowPosteriors:
-    """Draw evaluation.num_samples per test injection: from the flow, or with GNPE by Gibbs sampling and,
-    when there is a likelihood, the pass with the proxy density that importance sampling weighs."""
-    num_samples, names = settings["evaluation"]["num_samples"], settings["inference_parameters"]
-    if sampler is None:
-        torch.manual_seed(seeds.derived_seed(settings["seed"], "evaluation", "sampling"))
-        samples, log_q, mean, std = posterior_samples(model, trafo, test.network_inputs, test.injections.asd_features,
-                                                      num_samples)
-        return FlowPosteriors(samples, (samples, log_q), mean, std, None)
+    """Draw evaluation.num_samples per test injection: from the flow, or with GNPE by Gibbs sampling; and,
+    when there is a likelihood, the batches importance sampling weighs: the flow's samples and more of
+    them, or with GNPE passes with proxies from a density fitted to the converged ones."""
+    num_samples, names, seed = settings["evaluation"]["num_samples"], settings["inference_parameters"], settings["seed"]
     weigh = likelihood_plan(Problem.from_settings(settings))[0] is not None
-    samples, weighable, table = gnpe_posteriors(sampler, test, num_samples, settings["seed"], weigh)
+    inputs, features = test.network_inputs, test.injections.asd_features
+    if sampler is None:
+        torch.manual_seed(seeds.derived_seed(seed, "evaluation", "sampling"))
+        samples, log_q, mean, std = posterior_samples(model, trafo, inputs, features, num_samples)
+
+        def flow_draws(i: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            yield samples[i], log_q[i]
+            generator = seeds.generator(seed, "evaluation", "sampling", i, device=inputs.device)
+            while True:
+                noise = torch.randn(num_samples, len(names), generator=generator, device=inputs.device)
+                z, log_q_network = model.from_noise(noise, model.embedding(inputs[i:i + 1], features[i:i + 1]))
+                yield physical(trafo, z, log_q_network)
+
+        return FlowPosteriors(samples, flow_draws if weigh else None, mean, std, None)
+    data = test.injections.whitened_data
+    assert data is not None  # GNPE means signals
+    samples, densities, table = gnpe_posteriors(sampler, test, num_samples, seed)
+
+    def gnpe_draws(i: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in itertools.count():
+            generator = seeds.generator(seed, "evaluation", "gnpe_draw", i, batch, device=data.device)
+            draw = sampler.importance_draw(data[i], features[i:i + 1], densities[i], num_samples, generator)
+            yield draw.samples.cpu(), (draw.log_prob - draw.delta_log_prob_target).cpu()
+
     # the trafo is affine in each label (or its log): the pulls are those of physical space
     z = trafo.labels_to_network({name: samples[..., i] for i, name in enumerate(names)})
-    unweighed = (samples, torch.zeros(samples.shape[:2], dtype=torch.float64))  # importance sampling skips them
-    return FlowPosteriors(samples, weighable or unweighed, z.mean(1), z.std(1), table)
+    return FlowPosteriors(samples, gnpe_draws if weigh else None, z.mean(1), z.std(1), table)
 
 
 def flow_test_loss(model: PosteriorModel, trafo: Trafo, test: TestSet, seed: int) -> float:
@@ -197,25 +235,21 @@ def flow_test_loss(model: PosteriorModel, trafo: Trafo, test: TestSet, seed: int
         return float(model.loss(theta, inputs, test.injections.asd_features))
 
 
-def gnpe_posteriors(sampler: GNPESampler, test: TestSet, num_samples: int, seed: int,
-                    weigh: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, pd.DataFrame]:
-    """(Gibbs samples (N, S, P), the importance-sampling pass (samples (N, S, P), log q - delta (N, S)) or
-    None when not `weigh`, a table per injection: iterations, last KS p-value, edge fractions)."""
+def gnpe_posteriors(sampler: GNPESampler, test: TestSet, num_samples: int,
+                    seed: int) -> tuple[torch.Tensor, list[ProxyDensity], pd.DataFrame]:
+    """(Gibbs samples (N, S, P), each injection's density of converged proxies, a table per injection:
+    iterations, last KS p-value, edge fractions)."""
     data, features = test.injections.whitened_data, test.injections.asd_features
     assert data is not None  # GNPE means signals
-    samples, weighable, log_q, rows = [], [], [], []
+    samples, densities, rows = [], [], []
     for i in tqdm(range(len(data)), desc="GNPE sampling", mininterval=5):
         generator = seeds.generator(seed, "evaluation", "gnpe", i, device=data.device)
         chains = sampler.gibbs(data[i], features[i:i + 1], num_samples, generator)
         samples.append(chains.samples.cpu())
+        densities.append(ProxyDensity(chains.proxies))
         rows.append({"injection": i, "iterations": chains.iterations, "ks_pvalue": chains.ks_pvalue,
                      **sampler.edge_fractions(chains.offsets)})
-        if weigh:
-            draw = sampler.importance_draw(data[i], features[i:i + 1], chains.proxies, generator)
-            weighable.append(draw.samples.cpu())
-            log_q.append((draw.log_prob - draw.delta_log_prob_target).cpu())
-    pair = (torch.stack(weighable), torch.stack(log_q)) if weigh else None
-    return torch.stack(samples), pair, pd.DataFrame(rows)
+    return torch.stack(samples), densities, pd.DataFrame(rows)
 
 
 def gnpe_report(table: pd.DataFrame, efficiencies: pd.DataFrame, sampler: GNPESampler,
@@ -235,6 +269,11 @@ def gnpe_report(table: pd.DataFrame, efficiencies: pd.DataFrame, sampler: GNPESa
             "edge_fraction_median": float(table["edge_fraction"].median())}
 
 
+def physical(trafo: Trafo, z: torch.Tensor, log_q_network: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draws in network space (..., P) with their log q as physical samples and log q in physical units."""
+    return trafo.labels_from_network(z).cpu(), (log_q_network.to(torch.float64) + trafo.log_abs_det_jacobian(z)).cpu()
+
+
 def posterior_samples(model: PosteriorModel, trafo: Trafo, strain: torch.Tensor, features: torch.Tensor,
                       num_samples: int) -> tuple[torch.Tensor, ...]:
     """Physical posterior samples (N, S, P), their log q in physical space (N, S), and the mean and
@@ -243,43 +282,83 @@ def posterior_samples(model: PosteriorModel, trafo: Trafo, strain: torch.Tensor,
     for start in tqdm(range(0, len(strain), SAMPLING_CHUNK), desc="sampling", mininterval=5):
         chunk = slice(start, start + SAMPLING_CHUNK)
         z, log_q_network = model.sample(strain[chunk], features[chunk], num_samples)
-        samples.append(trafo.labels_from_network(z).cpu())
-        log_q.append((log_q_network.to(torch.float64) + trafo.log_abs_det_jacobian(z)).cpu())
+        drawn, log_q_drawn = physical(trafo, z, log_q_network)
+        samples.append(drawn)
+        log_q.append(log_q_drawn)
         means.append(z.mean(1).cpu())
         stds.append(z.std(1).cpu())
     return torch.cat(samples), torch.cat(log_q), torch.cat(means), torch.cat(stds)
 
 
-def importance_sampling(problem: Problem, test: TestSet, samples: torch.Tensor, log_q: torch.Tensor,
-                        outdir: Path) -> tuple[dict[str, Any], np.ndarray | None, pd.DataFrame]:
-    """(the metrics' importance_sampling section, the normalised weights (N, S) or None when it cannot
-    run, the table it writes as importance_sampling.csv: a row per injection, empty when it cannot run)."""
+IS_COLUMNS = ["injection", "efficiency", "n_eff", "num_samples", "log_evidence", "log_evidence_std"]
+
+
+def importance_sampling(problem: Problem, test: TestSet, draws: Draws | None,
+                        budget: SampleBudget) -> tuple[dict[str, Any], list[Exact] | None, pd.DataFrame]:
+    """(the metrics' importance_sampling section, each injection's weighed samples (n, P) with their
+    normalised weights (n,), or None when it cannot run, a table of IS_COLUMNS with a row per injection,
+    empty when it cannot run). Each injection gets batches until `budget` is met."""
     plan, reason = likelihood_plan(problem)
-    section: dict[str, Any]
-    if plan is None:
+    if plan is None or draws is None:
         log.info("importance sampling skipped: %s", reason)
-        table = pd.DataFrame(columns=["injection", "efficiency", "log_evidence", "log_evidence_std"])
-        section, weights = {"skipped": reason}, None
+        return {"skipped": reason}, None, pd.DataFrame(columns=IS_COLUMNS)
+    data, asds = test.injections.whitened_data, test.injections.asds
+    assert isinstance(test.source, SignalSource) and data is not None and asds is not None  # a likelihood: signals
+    sampler = ImportanceSampler(problem, plan, test.source.simulator)
+    rows, exact = [], []
+    for i in tqdm(range(len(test.truths)), desc="importance sampling", mininterval=5):
+        weigh = functools.partial(_log_weights, sampler, data[i].cpu(), asds[i].cpu())
+        drawn, log_w = weigh_until(draws(i), weigh, budget)
+        efficiency, log_evidence, log_evidence_std = summary(log_w)
+        rows.append((i, efficiency, efficiency * len(log_w), len(log_w), log_evidence, log_evidence_std))
+        exact.append(Exact(torch.cat([samples for samples, _ in drawn]).numpy(), normalised_weights(log_w)))
+    table = pd.DataFrame(rows, columns=IS_COLUMNS)
+    levels = np.stack([credible_levels(e.samples[None], test.truths[i:i + 1], e.weights[None])[0]
+                       for i, e in enumerate(exact)])
+    reweighted = ks_pvalues(levels, problem.inference_parameters)
+    section = {
+        **efficiency_quantiles(table["efficiency"]),
+        "log_evidence_std_median": float(table["log_evidence_std"].median()),
+        "effective_samples_median": float(table["n_eff"].median()),
+        "samples_median": float(table["num_samples"].median()),
+        "phase": plan["phase"],
+        "pp_ks_pvalue": reweighted,
+        "pp_ks_pvalue_combined": combined_pvalue(reweighted),
+    }
+    return section, exact, table
+
+
+def _log_weights(sampler: ImportanceSampler, data: torch.Tensor, asd: torch.Tensor,
+                 batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    samples, log_q = batch
+    return sampler.log_weights(samples, log_q, data, asd)
+
+
+def network_vs_exact_report(network: np.ndarray, exact: list[Exact], table: pd.DataFrame, budget: SampleBudget,
+                            truths: np.ndarray, names: list[str], outdir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """(the importance-sampling table with a column jsd_<name> per parameter, the metrics' network_vs_exact
+    section); plots their distribution over the injections with at least budget.effective_samples, and the
+    corner plot of the one with the largest divergence."""
+    rows = [network_vs_exact(network[i], e.samples, e.weights, names) for i, e in enumerate(exact)]
+    table = table.assign(**{f"jsd_{name}": [row[name] for row in rows] for name in names})
+    threshold = budget.effective_samples or 0
+    used = table[table["n_eff"] >= threshold]
+    section: dict[str, Any] = {"min_effective_samples": threshold, "injections_used": len(used),
+                               "injections_left_out": len(table) - len(used)}
+    for name in names:
+        values = used[f"jsd_{name}"].dropna()
+        section[name] = {"jsd_median": float(values.median()) if len(values) else None,
+                         "jsd_q90": float(values.quantile(0.9)) if len(values) else None}
+    plots.network_vs_exact({name: used[f"jsd_{name}"].to_numpy() for name in names}, outdir / "network_vs_exact.png")
+    if len(used):
+        worst = int(used.loc[used[[f"jsd_{n}" for n in names]].max(axis=1).idxmax(), "injection"])
+        largest = max(rows[worst].values())
+        plots.corner_plots(network[worst:worst + 1], [exact[worst]], truths[worst:worst + 1], names,
+                           outdir / "network_vs_exact_worst.png",
+                           titles=[f"test injection {worst}: largest JSD {largest:.3g} nat"])
     else:
-        data, asds = test.injections.whitened_data, test.injections.asds
-        assert isinstance(test.source, SignalSource) and data is not None and asds is not None  # a likelihood: signals
-        sampler = ImportanceSampler(problem, plan, test.source.simulator)
-        log_w = importance_sample(sampler, samples, log_q, data.cpu(), asds.cpu())
-        table = pd.DataFrame([summary(row) for row in log_w],
-                             columns=["efficiency", "log_evidence", "log_evidence_std"])
-        table.insert(0, "injection", range(len(table)))
-        weights = normalised_weights(log_w)
-        reweighted = ks_pvalues(credible_levels(samples.numpy(), test.truths, weights), problem.inference_parameters)
-        section = {
-            **efficiency_quantiles(table["efficiency"]),
-            "log_evidence_std_median": float(table["log_evidence_std"].median()),
-            "phase": plan["phase"],
-            "pp_ks_pvalue": reweighted,
-            "pp_ks_pvalue_combined": combined_pvalue(reweighted),
-        }
-    with atomic_path(outdir / "importance_sampling.csv") as tmp:
-        table.to_csv(tmp, index=False)
-    return section, weights, table
+        plots.empty(f"no injection reached {threshold} effective samples", outdir / "network_vs_exact_worst.png")
+    return table, section
 
 
 def regression_metrics(settings: Settings, inputs: EvaluationInputs, trafo: Trafo,
