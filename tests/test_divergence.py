@@ -4,12 +4,14 @@ and importance sampling in batches until an effective number of samples."""
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy import integrate, stats
 
 from stagewise.evaluate.divergence import marginal_jsd, network_vs_exact
-from stagewise.evaluate.importance import SampleBudget, effective_samples, weigh_until
+from stagewise.evaluate.importance import Exact, SampleBudget, effective_samples, weigh_until
+from stagewise.evaluate.run import network_vs_exact_report
 
 
 def gaussian_jsd(shift: float) -> float:
@@ -106,3 +108,23 @@ def test_a_single_weighted_sample_gives_a_finite_divergence():
     value = marginal_jsd(rng.standard_normal(500), rng.standard_normal(100), weights)
     assert 0 < value <= math.log(2)
     assert 0 <= marginal_jsd(np.zeros(10), np.zeros(10), np.ones(10)) < 1e-12  # no spread at all
+
+
+def test_the_report_counts_injections_with_enough_effective_samples_and_plots_the_worst(tmp_path):
+    """Four injections: two exact networks, one shifted by 2 sigma in b, one with too few effective samples
+    (left out although it is the most shifted); the medians and the worst injection follow."""
+    rng = np.random.default_rng(6)
+    names = ["a", "b"]
+    network, exact, rows = [], [], []
+    for i, (shift, n_eff) in enumerate([(0.0, 800), (0.0, 800), (2.0, 800), (5.0, 10)]):
+        network.append(rng.standard_normal((1000, 2)) + [0.0, shift])
+        exact.append(Exact(rng.standard_normal((800, 2)), np.full(800, 1 / 800)))
+        rows.append({"injection": i, "efficiency": n_eff / 800, "n_eff": n_eff, "num_samples": 800})
+    table, section = network_vs_exact_report(np.stack(network), exact, pd.DataFrame(rows), SampleBudget(800, 300, 800),
+                                             np.zeros((4, 2)), names, tmp_path)
+    assert section["injections_used"] == 3 and section["injections_left_out"] == 1
+    assert section["a"]["jsd_median"] < 0.01 and section["b"]["jsd_median"] < 0.01  # two of three exact
+    assert section["b"]["jsd_q90"] > 0.15  # the shifted one (0.26 nat alone)
+    assert table["jsd_b"].iloc[3] > table["jsd_b"].iloc[2]  # computed for the left-out one too
+    assert (tmp_path / "network_vs_exact.png").stat().st_size > 1000
+    assert (tmp_path / "network_vs_exact_worst.png").stat().st_size > 1000

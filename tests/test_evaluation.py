@@ -240,7 +240,8 @@ def test_report_opens_in_headless_chromium_with_every_figure_its_caption_and_the
         browser.close()
 
     evaluation, inference = "results/tiny/evaluation", "results/tiny/inference/simulated"
-    plots = ("loss_curves", "pp_plot", "corner", "pulls", "svd_mismatch", "label_distributions")
+    plots = ("loss_curves", "pp_plot", "corner", "pulls", "svd_mismatch", "label_distributions", "network_vs_exact",
+             "network_vs_exact_worst")
     assert set(sizes) == {f"{evaluation}/{plot}.png" for plot in plots} | {f"{inference}/corner.png"}
     for path, size in sizes.items():
         assert isinstance(size, list) and min(size) > 100, (path, size)

@@ -7,10 +7,12 @@ Each marginal is a Gaussian kernel density estimate on a common grid, both with 
 divergence near 0 (about 0.001 nat for a few hundred effective samples), disjoint ones ln 2 = 0.69.
 """
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 
+LN2 = math.log(2)  # the divergence of disjoint distributions
 GRID_POINTS = 512
 TAIL = 1e-3  # the grid spans both sets' [TAIL, 1 - TAIL] quantiles, widened by 4 bandwidths
 
@@ -60,7 +62,7 @@ def marginal_jsd(network: np.ndarray, exact: np.ndarray, weights: np.ndarray) ->
     kernel = np.exp(-0.5 * np.square(offsets))
     p, q = _density(network, None, edges, kernel), _density(exact, weights, edges, kernel)
     m = 0.5 * (p + q)
-    return float(0.5 * _kl(p, m) + 0.5 * _kl(q, m))
+    return min(max(0.5 * _kl(p, m) + 0.5 * _kl(q, m), 0.0), LN2)  # within its bounds despite rounding
 
 
 def _kl(p: np.ndarray, m: np.ndarray) -> float:
