@@ -11,7 +11,7 @@ Kolmogorov-Smirnov statistic being at least `ks_pvalue` (after at least `min` it
 makes the rule independent of the number of chains.
 
 The density of Gibbs samples is unknown. For importance sampling, an unconditional density r (a
-Gaussian kernel density estimate) is fitted to the converged proxies, and one more pass draws
+Gaussian kernel density estimate) is fitted to the converged proxies, and further passes (batches) draw
 t_hat ~ r and theta ~ q(theta | d, t_hat): log q = log r(t_hat) + log q(offset, ... | moved data),
 and the kernel's log density of t_hat - t is the target's extra term (delta_log_prob_target, -inf
 outside the kernel), so that log w = log prior + log L + delta - log q.
