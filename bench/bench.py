@@ -36,6 +36,8 @@ from stagewise.steps import build_svd_step, count_events_step, fit_trafo_step
 from stagewise.svd import fit_basis, mismatch_table
 from stagewise.trafo import Trafo
 from stagewise.training.optim import TorchRecipe
+from stagewise.training.parallel import init_ranks
+from stagewise.training.ranks import ONE_PROCESS
 from stagewise.training.stage import StageSettings, new_flow_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,7 +86,7 @@ def prepare(folder, config):
 class Training:
     """The default model and stage_0 recipe, with the training split in memory on `device`."""
 
-    def __init__(self, config, files, device):
+    def __init__(self, config, files, device, ranks=ONE_PROCESS):
         self.device = torch.device(device)
         stage = StageSettings.from_settings(settings.stage_settings(config, "stage_0"), "stage_0")
         self.source = make_source(stage.problem, files["split"]["training"][0], files["fiducial"], files["asd_set"],
@@ -92,7 +94,7 @@ class Training:
         self.trafo = Trafo.load(files["trafo"])
         self.bank = self.source.bank(files["split"]["training"], stage.shuffle, config["local"]["memory_limit_mb"])
         self.model = new_flow_model(stage, self.source, self.trafo, files["svd"], self.bank)
-        self.recipe = TorchRecipe(self.model, stage.training)
+        self.recipe = TorchRecipe(self.model, stage.training, ranks)
         self.batch_size = config["training"]["stage_0"]["batch_size"]
         self.make = self.source.batch_maker(self.bank, self.trafo, "fiducial")
 
@@ -158,6 +160,32 @@ def training_figures(training, repeats):
     details = {"batch_size": training.batch_size, "flops_per_step": flops,
                "samples_per_second_full_steps": spread(full_rates)}
     return spread(efficiency), spread(fraction), details
+
+
+def data_parallel_rank(rank, size, threads, config, files, repeats, folder):
+    """One rank of `size` (with `threads` threads) timing full training steps of the default problem; rank 0
+    writes the samples/s of each repeat to folder/rates.json."""
+    torch.set_num_threads(threads)
+    ranks = init_ranks(rank, size, folder / "rendezvous", {"device": "cpu"}) if size > 1 else ONE_PROCESS
+    training = Training(config, files, "cpu", ranks)
+    training.steps_per_second(training.batches(2))  # warm-up
+    rates = [training.steps_per_second(training.full_steps(repeat)) * training.batch_size for repeat in range(repeats)]
+    if rank == 0:
+        write_json(folder / "rates.json", rates)
+
+
+def data_parallel_figure(config, files, repeats):
+    """(ddp_2x1_vs_1x2) samples/s of full training steps on 2 ranks of 1 thread each (gloo) over 1 process of
+    2 threads; each in fresh processes, alternated."""
+    ratios, rates = [], {"2x1": [], "1x2": []}
+    for _ in range(repeats):
+        for name, size, threads in (("2x1", 2, 1), ("1x2", 1, 2)):
+            with tempfile.TemporaryDirectory() as folder:
+                torch.multiprocessing.spawn(data_parallel_rank, nprocs=size,
+                                            args=(size, threads, config, files, 1, Path(folder)))
+                rates[name] += json.loads((Path(folder) / "rates.json").read_text())
+        ratios.append(rates["2x1"][-1] / rates["1x2"][-1])
+    return spread(ratios), {name: spread(values) for name, values in rates.items()}
 
 
 class DingoStyleBatches(torch.utils.data.Dataset):
@@ -429,6 +457,8 @@ def main():
         print("training figures done", flush=True)
         results["vs_dingo_style"], details["vs_dingo_style"] = dingo_style_figure(training, args.repeats)
         print("Dingo-style comparison done", flush=True)
+        results["ddp_2x1_vs_1x2"], details["ddp_2x1_vs_1x2"] = data_parallel_figure(config, files, args.repeats)
+        print("data-parallel comparison done", flush=True)
         (folder / "small").mkdir()
         results["count_events_vs_open"], details["count_events_vs_open"], paths = count_events_figure(
             config, folder / "small", args.repeats)

@@ -3,11 +3,14 @@
 Runs the tiny config through every step with the library functions (no Snakemake) on the
 device (`--device`, default `cuda`): simulate, count, trafo, SVD, stage 0 uninterrupted and
 stage 0 stopped after every epoch (runtime limit max_epochs_per_run: 1) and resumed, stage 1,
-evaluate. Prints a JSON report: the device, the seconds of stage 0, how often the resumed
-stage stopped, whether it equals the uninterrupted one, and the metrics.
+evaluate. Then the data-parallel path (`--ranks`, default 2 where 2 GPUs are visible, else 1;
+2 on the CPU): stage 0 on that many ranks started and supervised as a training job starts them
+(NCCL on GPUs, gloo on the CPU), uninterrupted and stopped after every epoch and resumed.
+Prints a JSON report: the device, the seconds of stage 0, how often the resumed stage stopped,
+whether it equals the uninterrupted one, the same for the ranks, and the metrics.
 
-Exit status: 0 when the resumed stage 0 was stopped and resumed after every epoch and its model
-equals the uninterrupted one bit for bit (torch.equal on every tensor); 1, with a message naming
+Exit status: 0 when each resumed stage 0 was stopped and resumed after every epoch and its model
+equals its uninterrupted one bit for bit (torch.equal on every tensor); 1, with a message naming
 the tensors that differ, otherwise. Without CUDA it refuses to run (exit 2) unless `--device cpu`
 is given, a dry run of the same check on the CPU.
 """
@@ -38,11 +41,17 @@ def parse_args(argv):
     parser.add_argument("outdir", help="an empty or new folder for the run's files")
     parser.add_argument("--device", default="cuda",
                         help="torch device: cuda (default), cuda:<n>, or cpu for a dry run of the check without a GPU")
+    parser.add_argument("--ranks", type=int, default=None,
+                        help="ranks of the data-parallel check (default: 2 where 2 GPUs are visible, else 1; "
+                        "2 on the CPU)")
     args = parser.parse_args(argv)
     if args.device != "cpu" and not torch.cuda.is_available():
         parser.error(f"CUDA is not available (torch {torch.__version__}, built for CUDA {torch.version.cuda}): "
                      "this check needs a GPU and does not fall back to the CPU; pass --device cpu for a dry run")
-    return Path(args.outdir), args.device
+    ranks = args.ranks or (2 if args.device == "cpu" else min(2, torch.cuda.device_count()))
+    if args.device != "cpu" and ranks > torch.cuda.device_count():
+        parser.error(f"--ranks {ranks}: only {torch.cuda.device_count()} GPUs are visible (one rank per GPU)")
+    return Path(args.outdir), args.device, ranks
 
 
 def model_differences(uninterrupted, resumed):
@@ -76,13 +85,14 @@ def check_resume(uninterrupted_model, resumed_model, stops, expected_stops):
 
 
 def main(argv=None):
-    out, device = parse_args(sys.argv[1:] if argv is None else argv)
+    out, device, ranks = parse_args(sys.argv[1:] if argv is None else argv)
     # the pipeline is imported once the device is known to be there
     from stagewise import config as settings
     from stagewise.evaluate.run import EvaluationInputs, evaluate
     from stagewise.simulate.files import simulate
     from stagewise.steps import build_svd_step, count_events_step, fit_trafo_step
-    from stagewise.training.runner import StageStopped
+    from stagewise.training.parallel import supervise
+    from stagewise.training.runner import EXIT_STOPPED, StageStopped
     from stagewise.training.stage import StageInputs, StageOutputs, train_stage
 
     config = merged(yaml.safe_load((REPO / "config/config.yaml").read_text()),
@@ -121,6 +131,30 @@ def main(argv=None):
                             STAGE_0_EPOCHS - 1)
     report["resume_stops"] = stops
     report["resumed_equals_uninterrupted"] = not problems
+
+    def ranks_stage(folder, limits=None):
+        """Stage 0 on `ranks` ranks, supervised as the training job does it: the job's exit status."""
+        outputs = StageOutputs(model=out / folder / "model_stage_0.pt", history=out / folder / "history.csv")
+        local = merged(config["local"], {"cpu_processes": ranks, "training_job": {"gpus": ranks}, **(limits or {})})
+        job = dict(settings=settings.stage_settings(config, "stage_0"), local=local, name="stage_0",
+                   inputs=StageInputs(**inputs, previous_model=None), outputs=outputs,
+                   checkpoint_dir=out / folder / "checkpoints", threads=ranks, planned_stages=None, job_runtime=None,
+                   intrinsic_prior=None)
+        (out / folder).mkdir(parents=True, exist_ok=True)
+        return supervise(ranks, job, None, out / folder / "train.log")
+
+    start = time.monotonic()
+    if ranks_stage("ranks_uninterrupted") != 0:
+        problems.append(f"stage 0 on {ranks} ranks failed: see {out / 'ranks_uninterrupted/train.log'}")
+    report["ranks"], report["ranks_stage_0_seconds"] = ranks, time.monotonic() - start
+    ranks_stops = 0
+    while (code := ranks_stage("ranks_resumed", {"runtime_limits": {"max_epochs_per_run": 1}})) == EXIT_STOPPED:
+        ranks_stops += 1
+    ranks_problems = [f"stage 0 on {ranks} ranks, resumed, exited {code}"] if code else check_resume(
+        out / "ranks_uninterrupted/model_stage_0.pt", out / "ranks_resumed/model_stage_0.pt", ranks_stops,
+        STAGE_0_EPOCHS - 1)
+    report["ranks_resume_stops"], report["ranks_resumed_equals_uninterrupted"] = ranks_stops, not ranks_problems
+    problems += ranks_problems
     stage("stage_1", "stage_1", previous=out / "uninterrupted/model_stage_0.pt")
     inputs = EvaluationInputs(model=out / "stage_1/model_stage_1.pt", trafo=out / "trafo.h5",
                               histories={"stage_0": out / "uninterrupted/history.csv",

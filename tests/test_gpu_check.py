@@ -80,13 +80,16 @@ def test_gpu_check_exits_1_with_the_problems_after_printing_the_report(capsys):
 
 @pytest.mark.slow
 def test_gpu_check_dry_run_on_the_cpu_stops_and_resumes_stage_0_and_passes(tmp_path):
-    """The whole check with `--device cpu` (about 20 s): what runs on the GPU, so that it does not rot
-    between the runs by hand. On the CPU the resumed stage equals the uninterrupted one bit for bit."""
+    """The whole check with `--device cpu` (about 40 s): what runs on the GPU, so that it does not rot
+    between the runs by hand, with 2 ranks on gloo. On the CPU each resumed stage equals its uninterrupted
+    one bit for bit."""
     result = subprocess.run([sys.executable, str(GPU_CHECK), str(tmp_path / "out"), "--device", "cpu"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report, _ = json.JSONDecoder().raw_decode(result.stdout[result.stdout.index("{"):])
     assert report["device"] == "cpu"
     assert report["resume_stops"] == gpu_check.STAGE_0_EPOCHS - 1 and report["resumed_equals_uninterrupted"]
+    assert report["ranks"] == 2 and report["ranks_resume_stops"] == gpu_check.STAGE_0_EPOCHS - 1
+    assert report["ranks_resumed_equals_uninterrupted"]
     assert set(report["metrics"]["pp_ks_pvalue"]) == {"f0", "tau", "snr"}
     assert "gpu_check: passed on cpu" in result.stdout

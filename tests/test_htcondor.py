@@ -39,6 +39,8 @@ def prepared(workdir, settings):
 def test_pipeline_through_the_condor_profile_submits_what_it_should_and_resumes_a_held_job(seconds_per_epoch,
                                                                                            tmp_path):
     settings = cluster_overrides(math.ceil(TRAINING_SECONDS / seconds_per_epoch))
+    # Two GPUs asked for, one process training (cpu_processes 1): the SLURM test trains on two ranks.
+    settings["local"]["training_job"]["gpus"] = 2
     env = dict(os.environ, CONDOR_CONFIG="/dev/null")
     local = prepared(tmp_path / "local", settings)
     reference = subprocess.Popen([sys.executable, "-m", "snakemake", "train_stage_1", "--cores", "1", *CONFIGS],
@@ -61,7 +63,7 @@ def test_pipeline_through_the_condor_profile_submits_what_it_should_and_resumes_
     cpu_rule, training_rule = by_rule["fit_trafo"][0], by_rule["train_stage_0"][0]
     assert "request_gpus" not in cpu_rule and cpu_rule["request_cpus"] == "1"
     assert cpu_rule["request_memory"] == "4000MB" and cpu_rule["getenv"] == "True"
-    assert training_rule["request_gpus"] == "1" and training_rule["request_cpus"] == "1"
+    assert training_rule["request_gpus"] == "2" and training_rule["request_cpus"] == "1"
     assert training_rule["request_memory"] == "2000MB" and training_rule["getenv"] == "True"
     assert training_rule["allowed_job_duration"] == "60"
     for submit in (cpu_rule, training_rule):

@@ -1,12 +1,14 @@
-"""A real SLURM: the tiny pipeline through `snakemake --profile profiles/slurm`, with a training
-job that SLURM stops at its time limit, resubmitted by Snakemake and resumed.
+"""A real SLURM: the tiny pipeline through `snakemake --profile profiles/slurm`, with training jobs
+that ask for two GPUs and train on two ranks, one of which SLURM stops at its time limit,
+resubmitted by Snakemake and resumed.
 
 The daemons (munged, MariaDB, slurmdbd, slurmctld, slurmd) run on this machine as root,
 started by tests/cluster/slurm-up.sh (in the background when the session starts, see
 conftest.py), which installs Debian's packages when they are missing, and stopped when
-the session ends. The node has no GPU: slurm.conf gives it a GRES gpu:1
-backed by /dev/null, and the test reads back from SLURM's accounting (sacct ReqTRES)
-that the training jobs, and only they, asked for a GPU.
+the session ends. The node has no GPU: slurm.conf gives it a GRES gpu:2 backed by
+copies of /dev/null, and the test reads back from SLURM's accounting (sacct) that the
+training jobs, and only they, asked for two GPUs, each in a job of one task; the ranks run
+on the CPU (local.cpu_processes: 2), as they would on the two GPUs with device cuda.
 """
 
 import math
@@ -28,6 +30,11 @@ pytestmark = pytest.mark.slow  # a real SLURM and real Snakemake runs end to end
 # starts, about 10 s of it start-up. 95 s of training outlasts the first job, and what is left
 # after the earliest stop (about 45 s) fits in the second: two jobs, as a rule.
 TRAINING_SECONDS = 95
+# Two ranks of one thread in a one-minute job, beside the local reference run's two ranks, train the tiny
+# network (batches of 10) about 2.6 times as slowly as the one process that seconds_per_epoch measures,
+# start-up included (here: 35 to 45 epochs a job, 0.52 s per epoch for one process): each step's collectives
+# outweigh its share of the work, and four processes share 2 cores. Two jobs, as a rule.
+TWO_RANKS_SLOWER = 2.6
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +48,30 @@ def slurm():
     subprocess.run(["bash", str(REPO / "tests/cluster/slurm-up.sh")], check=True)  # quick when already up
 
 
-def accounting(since):
-    """(rule, requested TRES, state) of every SLURM job since `since`."""
-    out = subprocess.run(["sacct", "-X", "-P", "-n", "-o", "Comment,ReqTRES,State", "-S", since],
+def sacct(since, *fields, jobs_only=True):
+    out = subprocess.run(["sacct", *(["-X"] if jobs_only else []), "-P", "-n", "-o", ",".join(fields), "-S", since],
                          capture_output=True, text=True, check=True).stdout
-    return [tuple(line.split("|")) for line in out.splitlines() if line.startswith("rule_")]
+    return [line.split("|") for line in out.splitlines()]
 
 
-def test_pipeline_on_slurm_resumes_after_time_limit_to_the_local_result(slurm, seconds_per_epoch, tmp_path):
-    # No observed set: its two jobs would only lengthen the test (the HTCondor test submits them).
-    settings = cluster_overrides(math.ceil(TRAINING_SECONDS / seconds_per_epoch))
+def accounting(since):
+    """(rule, requested TRES, state, job id) of every SLURM job since `since`."""
+    return [tuple(row) for row in sacct(since, "Comment", "ReqTRES", "State", "JobID") if row[0].startswith("rule_")]
+
+
+def step_tasks(since, job_ids):
+    """The number of tasks of every step (but batch and extern) of the jobs `job_ids`."""
+    return [int(tasks) for step, tasks in sacct(since, "JobID", "NTasks", jobs_only=False)
+            if step.split(".")[0] in job_ids and step.split(".")[-1] not in ("batch", "extern") and "." in step]
+
+
+def test_two_gpu_training_jobs_of_one_task_outlast_their_time_limit_and_end_as_a_local_run(slurm, seconds_per_epoch,
+                                                                                             tmp_path):
+    # Up to stage 1, no observed set, and the data and trafo made locally: their jobs would only lengthen
+    # the test (the HTCondor test submits them); build_svd is the one CPU job.
+    settings = cluster_overrides(math.ceil(TRAINING_SECONDS / (seconds_per_epoch * TWO_RANKS_SLOWER)))
     settings["inference"] = {"simulated_events": 0}
+    settings["local"].update(cpu_processes=2, training_job={**settings["local"]["training_job"], "gpus": 2})
     since = time.strftime("%Y-%m-%dT%H:%M:%S")
     local = copy_workflow(tmp_path / "local")
     (local / "overrides.yaml").write_text(yaml.safe_dump(settings))
@@ -61,22 +81,28 @@ def test_pipeline_on_slurm_resumes_after_time_limit_to_the_local_result(slurm, s
         cwd=local, env=dict(os.environ, CONDOR_CONFIG="/dev/null"), stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL)
     cluster = copy_workflow(tmp_path / "cluster")
+    snakemake(cluster, "fit_trafo", overrides=settings)
     # Status checks sooner than in production, only to make the test faster: the plugin checks
     # this many seconds after a submission or a finished job, then 10 s later after each check
     # that found nothing finished.
-    result = snakemake(cluster, "--profile", "profiles/slurm", "--slurm-init-seconds-before-status-checks", "1",
-                       "--seconds-between-status-checks", "2", overrides=settings, check=False)
+    result = snakemake(cluster, "train_stage_1", "--profile", "profiles/slurm",
+                       "--slurm-init-seconds-before-status-checks", "1", "--seconds-between-status-checks", "2",
+                       overrides=settings, check=False)
     assert reference.wait(timeout=600) == 0
     assert result.returncode == 0, result.output[-4000:]
 
     jobs = accounting(since)
-    rules = [rule for rule, _, _ in jobs]
-    assert {"rule_simulate", "rule_train_stage_0", "rule_train_stage_1", "rule_evaluate"} <= set(rules)
-    stage_0_states = [state for rule, _, state in jobs if rule == "rule_train_stage_0"]
+    rules = [rule for rule, _, _, _ in jobs]
+    assert {"rule_build_svd", "rule_train_stage_0", "rule_train_stage_1"} <= set(rules)
+    stage_0_states = [state for rule, _, state, _ in jobs if rule == "rule_train_stage_0"]
     assert "TIMEOUT" in stage_0_states and stage_0_states[-1] == "COMPLETED", stage_0_states
-    for rule, tres, _ in jobs:
-        assert ("gres/gpu=1" in tres) == rule.startswith("rule_train_stage"), (rule, tres)
+    for rule, tres, _, _ in jobs:
+        assert ("gres/gpu=2" in tres) == rule.startswith("rule_train_stage"), (rule, tres)
+    training_jobs = {job_id for rule, _, _, job_id in jobs if rule.startswith("rule_train_stage")}
+    tasks = step_tasks(since, training_jobs)
+    assert tasks and set(tasks) == {1}, tasks  # `srun -n1`: one task that starts the two ranks
     log = (cluster / "results/tiny/logs/train_stage_0.log").read_text()
+    assert "training stage_0 on 2 ranks (cpu)" in log
     assert "resuming epoch" in log or "resuming from" in log
     print(f"SLURM jobs: {len(jobs)}, stopped by their time limit: {stage_0_states.count('TIMEOUT')}, "
           f"stage 0 epochs: {settings['training']['stage_0']['epochs']}")

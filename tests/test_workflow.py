@@ -221,12 +221,14 @@ def test_a_config_change_plans_exactly_the_steps_it_touches(tiny_run, overrides,
          "no file"),
         ({"inference": {"sets": {"simulated": ["x.h5"]}}}, "config key inference.sets"),
         ({"evaluation": {"max_samples": 10}}, "evaluation.max_samples: 10 is below evaluation.num_samples (200)"),
+        ({"model": {"type": "gaussian_regression"}, "local": {"cpu_processes": 2}},
+         "local.cpu_processes: 2 processes, but model.type gaussian_regression trains on one"),
     ],
     ids=["unknown key", "unknown nested key", "wrong type", "unknown distribution", "unknown parameter", "empty glob",
          "missing asd file", "levels per detector", "prior bounds", "shuffle buffer", "label weight name",
          "ema with regression", "compare with itself", "warm start later stage", "log label not inferred",
          "dampening with regression", "scheduler argument", "empty inference set", "set named simulated",
-         "sample cap below a batch"],
+         "sample cap below a batch", "ranks with regression"],
 )
 def test_an_invalid_config_stops_the_run_naming_the_key(tmp_path, overrides, message):
     result = snakemake(copy_workflow(tmp_path), "-n", overrides=overrides, check=False)

@@ -212,6 +212,10 @@ def check_regression(config: Settings) -> None:
         if "dampening" in stage["optimizer"]:
             raise ValueError(f"training.{name}.optimizer.dampening: Keras' SGD has no dampening "
                              "(model.type gaussian_regression)")
+    if rank_count(config["local"]) > 1:
+        key = "training_job.gpus" if config["local"]["device"].startswith("cuda") else "cpu_processes"
+        raise ValueError(f"local.{key}: {rank_count(config['local'])} processes, but model.type gaussian_regression "
+                         "trains on one (data-parallel training is for the torch flow)")
 
 
 def check_gnpe(config: Settings) -> None:
@@ -303,6 +307,13 @@ class Problem:
     def label_priors(self) -> dict[str, Prior]:
         """{name: Prior} of the labels that the event files must hold."""
         return make_priors({name: self.priors[name] for name in self.label_names})
+
+
+def rank_count(local: Settings) -> int:
+    """The processes (ranks) of a training job: training_job.gpus on a CUDA device, cpu_processes on the CPU."""
+    if local["device"].startswith("cuda"):
+        return max(1, local["training_job"]["gpus"])
+    return local["cpu_processes"]
 
 
 def is_regression(config: Settings) -> bool:

@@ -5,11 +5,12 @@ import sys
 from pathlib import Path
 
 
-def log_to_file(path: str | Path) -> None:
-    """Send logging records and stderr (where tqdm writes progress) to `path`."""
+def log_to_file(path: str | Path, prefix: str = "", level: int = logging.INFO) -> None:
+    """Send logging records of `level` and above and stderr (where tqdm writes progress) to `path`;
+    `prefix` (e.g. "rank 1") starts every record."""
     stream = open(path, "a", buffering=1)
     sys.stderr = stream
     logging.basicConfig(
-        stream=stream, level=logging.INFO, force=True,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=stream, level=level, force=True,
+        format="%(asctime)s %(levelname)s " + (f"{prefix} " if prefix else "") + "%(name)s: %(message)s",
     )

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A real single-node SLURM (Debian's slurm-wlm 22.05) with accounting (slurmdbd on MariaDB,
-# so that sacct works) and one fake GPU, for the tests. Run as root; idempotent.
+# so that sacct works) and two fake GPUs, for the tests. Run as root; idempotent.
+GPUS=2
 set -euo pipefail
 host=$(hostname)
 if ! command -v slurmctld >/dev/null; then
@@ -8,7 +9,11 @@ if ! command -v slurmctld >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         slurm-wlm munge slurmdbd mariadb-server >/dev/null
 fi
-if sinfo -h -o %t 2>/dev/null | grep -qE '^(idle|mix|alloc)'; then exit 0; fi
+if sinfo -h -o %t 2>/dev/null | grep -qE '^(idle|mix|alloc)'; then
+    scontrol show node | grep -q "Gres=gpu:$GPUS" && exit 0
+    bash "$(dirname "$0")/slurm-down.sh"  # up with another node: start again with this one
+    sleep 2
+fi
 
 mkdir -p /run/munge /run/mysqld /var/log/slurm /var/spool/slurmctld /var/spool/slurmd
 chown munge:munge /run/munge
@@ -40,8 +45,9 @@ chmod 600 /etc/slurm/slurmdbd.conf
 pgrep -x slurmdbd >/dev/null || /usr/sbin/slurmdbd
 for _ in $(seq 60); do sacctmgr -n show cluster >/dev/null 2>&1 && break; sleep 0.5; done
 
-# No cgroups here: linuxproc tracking, no task plugin. The GPU is a count-only GRES backed
-# by /dev/null (a GRES without a file registers 0 GPUs and the node goes INVAL).
+# No cgroups here: linuxproc tracking, no task plugin. The GPUs are GRES backed by copies of
+# /dev/null, one device file each (a GRES without files registers 0 GPUs and the node goes INVAL;
+# one file with Count=2 is refused).
 cat > /etc/slurm/slurm.conf <<CONF
 ClusterName=stagewise
 SlurmctldHost=$host
@@ -66,10 +72,11 @@ ReturnToService=2
 MinJobAge=600
 KillWait=10
 GresTypes=gpu
-NodeName=$host CPUs=$(nproc) RealMemory=8000 Gres=gpu:1 State=UNKNOWN
+NodeName=$host CPUs=$(nproc) RealMemory=8000 Gres=gpu:$GPUS State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
-printf 'AutoDetect=off\nNodeName=%s Name=gpu File=/dev/null Count=1\n' "$host" > /etc/slurm/gres.conf
+for i in $(seq 0 $((GPUS - 1))); do [ -e "/dev/fakegpu$i" ] || mknod -m 666 "/dev/fakegpu$i" c 1 3; done
+printf 'AutoDetect=off\nNodeName=%s Name=gpu File=/dev/fakegpu[0-%s]\n' "$host" "$((GPUS - 1))" > /etc/slurm/gres.conf
 sacctmgr -i add cluster stagewise >/dev/null 2>&1 || true
 sacctmgr -i add account ml >/dev/null 2>&1 || true
 sacctmgr -i add user root Account=ml >/dev/null 2>&1 || true

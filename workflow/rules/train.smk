@@ -23,7 +23,8 @@ for stage in TRAINED:
             ENV
         threads: config["local"]["threads"]
         resources:
-            gpu=TRAINING_JOB["gpus"],  # SLURM
+            gpu=TRAINING_JOB["gpus"],  # SLURM: one task that sees all of them (parallel.py starts the ranks)
+            tasks_per_gpu=0,  # SLURM: never one task per GPU
             request_gpus=TRAINING_JOB["gpus"],  # HTCondor
             mem_mb=TRAINING_JOB["mem_mb"],  # SLURM
             htcondor_request_mem_mb=TRAINING_JOB["mem_mb"],

@@ -70,6 +70,12 @@ def checkpoint_lock(folder: str | Path) -> Iterator[Callable[[], None]]:
     with os.fdopen(fd, "w") as f:
         yaml.safe_dump(me, f)
     try:
-        yield lambda: os.utime(path)
+        yield heartbeat(folder)
     finally:
         path.unlink(missing_ok=True)
+
+
+def heartbeat(folder: str | Path) -> Callable[[], None]:
+    """A function that refreshes the heartbeat of `<folder>.lock`, held by this process or its supervisor."""
+    path = Path(folder).with_name(Path(folder).name + ".lock")
+    return lambda: os.utime(path)

@@ -7,9 +7,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..config import Settings, scheduler_with_defaults
+from .ranks import ONE_PROCESS, Ranks, ShardLoss
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
@@ -25,13 +27,16 @@ def torch_optimizer(model: torch.nn.Module, settings: Settings) -> torch.optim.O
     return OPTIMIZERS[kind](trainable, lr=learning_rate, **options, **fused)
 
 
-def batch_mean(loss: Callable[[Any], float], batches: Iterable[Sequence[Any]]) -> float:
-    """The mean of loss(batch) over `batches`, each weighted by its size (the last may be short)."""
+def batch_mean(loss: Callable[[Any], float], batches: Iterable[Sequence[Any]], ranks: Ranks = ONE_PROCESS) -> float:
+    """The mean of loss(batch) over `batches`, each weighted by its size (the last may be short);
+    with several ranks each takes its share of every batch and the sums are added up."""
     total, count = 0.0, 0
     for batch in batches:
-        total += loss(batch) * len(batch[0])
+        shard = ranks.shard(batch)
+        if len(shard[0]):
+            total += loss(shard) * len(shard[0])
         count += len(batch[0])
-    return total / count
+    return ranks.sum([total])[0] / count
 
 
 class LearningRate:
@@ -154,17 +159,25 @@ class EarlyStopping:
 
 class TorchRecipe:
     """A torch model and everything that updates its weights in one stage: what the runner trains,
-    validates and checkpoints (runner.Recipe)."""
+    validates and checkpoints (runner.Recipe). With several ranks (ranks.py) each trains on its share of
+    every batch, through DistributedDataParallel, and the losses are those of the whole batch."""
 
     model: Any  # a torch.nn.Module with loss(*batch) -> scalar tensor, e.g. models.posterior.PosteriorModel
+    ranks: Ranks
+    parallel: DistributedDataParallel | None  # the loss of a shard through DDP, when there is a process group
     optimizer: torch.optim.Optimizer
     learning_rate: LearningRate
     clip: Settings | None  # the stage's gradient_clip
     ema: AveragedModel | None
     early_stopping: EarlyStopping | None
 
-    def __init__(self, model: torch.nn.Module, settings: Settings) -> None:
-        self.model = model
+    def __init__(self, model: torch.nn.Module, settings: Settings, ranks: Ranks = ONE_PROCESS) -> None:
+        self.model, self.ranks = model, ranks
+        self.parallel = None
+        if ranks.supervised:
+            device_ids = [torch.device(ranks.device)] if ranks.device.startswith("cuda") else None
+            self.parallel = DistributedDataParallel(ShardLoss(model), device_ids=device_ids, forward_sync_buffers=False,
+                                                    gradient_as_bucket_view=True)
         self.optimizer = torch_optimizer(model, settings)
         self.learning_rate = LearningRate(self.optimizer, settings["scheduler"], settings["epochs"])
         self.clip = settings["gradient_clip"]
@@ -183,8 +196,12 @@ class TorchRecipe:
         """One optimizer step; (loss, gradient norm before clipping). FloatingPointError on a non-finite loss."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.model.loss(*batch)
-        value = loss.item()  # one host sync checks and returns the loss
+        if self.parallel is not None:
+            shard = self.ranks.shard(batch)
+            loss = self.parallel(*shard) * self.ranks.weight(len(shard[0]), len(batch[0]))
+        else:
+            loss = self.model.loss(*batch)
+        value = self.ranks.sum([loss.item()])[0] / self.ranks.size  # one host sync checks and returns the loss
         if not math.isfinite(value):
             raise FloatingPointError(f"loss is {value}")
         loss.backward()
@@ -198,7 +215,7 @@ class TorchRecipe:
     def validation_loss(self, batches: Iterable[Sequence[torch.Tensor]]) -> float:
         model: Any = self.evaluated  # a module with loss(), as self.model
         model.eval()
-        return batch_mean(lambda batch: model.loss(*batch).item(), batches)
+        return batch_mean(lambda batch: model.loss(*batch).item(), batches, self.ranks)
 
     def end_epoch(self, validation_loss: float) -> None:
         self.learning_rate.step(validation_loss)

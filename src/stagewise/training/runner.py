@@ -18,7 +18,7 @@ import random
 import signal
 import time
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,8 +29,9 @@ from tqdm import tqdm
 from .. import layouts
 from ..data import EpochBatches
 from . import checkpoints
-from .lock import checkpoint_lock
+from .lock import checkpoint_lock, heartbeat
 from .optim import EarlyStopping
+from .ranks import ONE_PROCESS, Ranks
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +113,8 @@ def set_random_states(states):
 class _Run:
     """The state of one stage in one process: what a checkpoint saves and restores."""
 
-    def __init__(self, recipe, checkpoint_dir, fingerprint, metadata, heartbeat):
-        self.recipe = recipe
+    def __init__(self, recipe, checkpoint_dir, fingerprint, metadata, heartbeat, ranks):
+        self.recipe, self.ranks = recipe, ranks
         self.checkpoint_dir, self.fingerprint, self.metadata = checkpoint_dir, fingerprint, metadata
         self.heartbeat = heartbeat
         self.history, self.epoch, self.partial = [], 0, None
@@ -121,6 +122,10 @@ class _Run:
         self.stopped_early = False
 
     def restore(self, state):
+        if state.get("ranks", 1) != self.ranks.size:
+            log.warning("resuming a checkpoint written by %d ranks on %d: the rest of the stage trains as %d rank%s "
+                        "would, so it does not end bit for bit where the uninterrupted run would",
+                        state.get("ranks", 1), self.ranks.size, self.ranks.size, "s" if self.ranks.size > 1 else "")
         self.recipe.load_state_dict(state)
         set_random_states(state["random_states"])
         self.history, self.epoch, self.partial = [_renamed(r) for r in state["history"]], state["epoch"], \
@@ -128,8 +133,11 @@ class _Run:
         self.best, self.stopped_early = _renamed(state["best"]), state["stopped_early"]
 
     def save(self, periodic=False):
+        if not self.ranks.main:
+            return
         state = dict(
             self.metadata, fingerprint=self.fingerprint, epoch=self.epoch, partial_epoch=self.partial,
+            ranks=self.ranks.size,
             history=self.history, best=self.best, stopped_early=self.stopped_early, random_states=random_states(),
             **self.recipe.state_dict(),
         )
@@ -143,6 +151,8 @@ class _Run:
         if self.best is not None and not validation_loss < self.best["validation_loss"]:
             return
         self.best = {"epoch": self.epoch, "validation_loss": validation_loss}
+        if not self.ranks.main:
+            return
         checkpoints.save(self.checkpoint_dir / checkpoints.BEST, dict(
             self.metadata, fingerprint=self.fingerprint, epoch=self.epoch, validation_loss=validation_loss,
             history=self.history, model=self.recipe.weights()))
@@ -164,17 +174,21 @@ def run_stage(recipe: Recipe, train_batches: Callable[[int], EpochBatches],
               validation_batches: Callable[[], EpochBatches], epochs: int, checkpoint_dir: str | Path,
               fingerprint: str, metadata: dict[str, Any], checkpoint_epochs: int = 10,
               max_epochs_per_run: int | None = None, max_time_per_run: float | None = None,
-              stage_model: str = "last", monitor: Any = None) -> tuple[list[dict[str, Any]], Any, int]:
+              stage_model: str = "last", monitor: Any = None,
+              ranks: Ranks = ONE_PROCESS) -> tuple[list[dict[str, Any]], Any, int]:
     """Train until `epochs` (or early stopping) and return (history, stage model weights, their epoch).
 
     history: a list of dicts, one per epoch. stage_model: "last" or "best" (lowest validation loss).
     monitor: None or an object with begin(epoch), log(row) and close(), e.g. monitor.Monitor.
+    ranks: this process's rank of a data-parallel stage (parallel.py), whose supervisor holds the lock;
+    the ranks stop together, and only rank 0 writes files and returns the weights (None elsewhere).
     Resumes from `checkpoint_dir` when it holds a checkpoint with this fingerprint.
     Raises StageStopped after checkpointing on a stop signal or a runtime limit:
     max_time_per_run (s) is checked at every step, max_epochs_per_run after every epoch."""
     checkpoint_dir = Path(checkpoint_dir)
-    with checkpoint_lock(checkpoint_dir) as heartbeat, stop_requests() as requests:
-        run = _Run(recipe, checkpoint_dir, fingerprint, metadata, heartbeat)
+    lock = nullcontext(heartbeat(checkpoint_dir)) if ranks.supervised else checkpoint_lock(checkpoint_dir)
+    with lock as beat, stop_requests() as requests:
+        run = _Run(recipe, checkpoint_dir, fingerprint, metadata, beat, ranks)
         state = checkpoints.resume_state(checkpoint_dir, fingerprint)
         if state is not None:
             run.restore(state)
@@ -183,9 +197,12 @@ def run_stage(recipe: Recipe, train_batches: Callable[[int], EpochBatches],
             monitor.begin(run.epoch)
 
         def stop_reason():
-            if requests["signal"]:
-                return f"received {requests['signal']}"
-            if max_time_per_run and time.monotonic() - start >= max_time_per_run:
+            """Why to stop now, or None: the same on every rank."""
+            time_up = bool(max_time_per_run and time.monotonic() - start >= max_time_per_run)
+            signalled, timed_out = ranks.sum([bool(requests["signal"]), time_up])
+            if signalled:
+                return f"received {requests['signal'] or 'a stop signal on another rank'}"
+            if timed_out:
                 return f"max_time_per_run ({max_time_per_run} s) reached"
             return None
 
@@ -200,10 +217,14 @@ def run_stage(recipe: Recipe, train_batches: Callable[[int], EpochBatches],
                 if reason and run.epoch < epochs and not run.stopped_early:
                     log.warning("stopping after epoch %d of %d: %s; run again to resume", run.epoch, epochs, reason)
                     raise StageStopped(f"{reason} after epoch {run.epoch}")
+        except StageStopped:
+            ranks.check_identical(recipe.model)
+            raise
         finally:
             if monitor is not None:
                 monitor.close()
-        weights, weights_epoch = run.stage_model(stage_model)
+        ranks.check_identical(recipe.model)
+        weights, weights_epoch = run.stage_model(stage_model) if ranks.main else (None, run.epoch)
     if not run.history or not math.isfinite(run.history[-1]["validation_loss"]):
         raise FloatingPointError("training ended without a finite validation loss")
     return run.history, weights, weights_epoch
@@ -245,7 +266,8 @@ def _train_epoch(run, batches, epochs, stop_reason):
         batches.resume(run.partial["batches"])
         log.info("resuming epoch %d at step %d", run.epoch + 1, run.partial["batches"]["step"])
     description = f"epoch {run.epoch + 1}/{epochs}"
-    progress = tqdm(total=len(batches), initial=batches.step, desc=description, mininterval=5, leave=False)
+    progress = tqdm(total=len(batches), initial=batches.step, desc=description, mininterval=5, leave=False,
+                    disable=not run.ranks.main)
     partial = run.partial
     batch_iterator = iter(batches)
     while True:

@@ -22,6 +22,7 @@ from ..svd import load_svd
 from ..trafo import Trafo
 from . import checkpoints
 from .optim import TorchRecipe
+from .ranks import ONE_PROCESS, Ranks
 from .runner import Recipe, run_stage
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ class FlowBackend:
     """The torch flow: new (or warm-started) in stage 0, else the previous stage's; saved as .pt."""
 
     def recipe(self, stage: StageSettings, source: Source, trafo: Trafo, inputs: StageInputs, bank: EventBank,
-               threads: int) -> TorchRecipe:
+               threads: int, ranks: Ranks) -> TorchRecipe:
         if inputs.previous_model is None:
             model = new_flow_model(stage, source, trafo, inputs.svd, bank)
             if stage.training["warm_start"] is not None:
@@ -156,7 +157,7 @@ class FlowBackend:
         else:
             model, _ = load_flow_model(inputs.previous_model, source.device)
         model.embedding.freeze_svd(stage.training["freeze_svd"])
-        return TorchRecipe(model, stage.training)
+        return TorchRecipe(model, stage.training, ranks)
 
     def save(self, recipe: Recipe, weights: Any, path: str, info: dict[str, Any]) -> None:
         checkpoints.save(path, dict(info, model=weights))
@@ -164,10 +165,10 @@ class FlowBackend:
 
 class RegressionBackend:
     """The Keras Gaussian regression (model.type gaussian_regression), built as the flow is, saved as
-    .keras. Only this backend imports TensorFlow."""
+    .keras. Only this backend imports TensorFlow; it trains on one rank (config.check_ranks)."""
 
     def recipe(self, stage: StageSettings, source: Source, trafo: Trafo, inputs: StageInputs, bank: EventBank,
-               threads: int) -> Recipe:
+               threads: int, ranks: Ranks) -> Recipe:
         from ..config import label_weights
         from ..models import regression
         from .keras_recipe import KerasRecipe
@@ -210,7 +211,8 @@ def time_limit(local: Settings, job_runtime: int | None = None) -> float | None:
 
 def train_stage(settings: Settings, local: Settings, name: str, inputs: StageInputs, outputs: StageOutputs,
                 checkpoint_dir: str | Path, *, threads: int = 1, planned_stages: Settings | None = None,
-                job_runtime: int | None = None, monitor: Any = None, intrinsic_prior: Settings | None = None) -> None:
+                job_runtime: int | None = None, monitor: Any = None, intrinsic_prior: Settings | None = None,
+                ranks: Ranks = ONE_PROCESS) -> None:
     """Train stage `name` (e.g. "stage_1") and write its model file and history.
 
     settings: config.stage_settings of the stage; local: the config's `local` section.
@@ -219,7 +221,8 @@ def train_stage(settings: Settings, local: Settings, name: str, inputs: StageInp
     job_runtime: the cluster job's time limit in minutes (see time_limit), or None.
     monitor: None or a monitor.Monitor that follows the epochs (TensorBoard, W&B).
     intrinsic_prior: the config's, for the inference bundle of the model file (the priors `infer`
-    weights with); like planned_stages, not part of the fingerprint."""
+    weights with); like planned_stages, not part of the fingerprint.
+    ranks: this process's rank of a data-parallel stage (parallel.py); rank 0 alone writes the files."""
     torch.set_num_threads(threads)
     stage = StageSettings.from_settings(settings, name)
     device = torch.device(local["device"])
@@ -231,7 +234,7 @@ def train_stage(settings: Settings, local: Settings, name: str, inputs: StageInp
     bank, validation = (source.bank(files, stage.shuffle, local["memory_limit_mb"])
                         for files in (inputs.training_files, inputs.validation_files))
     backend = RegressionBackend() if is_regression(settings) else FlowBackend()
-    recipe = backend.recipe(stage, source, trafo, inputs, bank, threads)
+    recipe = backend.recipe(stage, source, trafo, inputs, bank, threads, ranks)
     batch_size, asd = stage.training["batch_size"], stage.training["asd"]
     train_batch, valid_batch = (source.batch_maker(b, trafo, asd) for b in (bank, validation))
 
@@ -251,8 +254,10 @@ def train_stage(settings: Settings, local: Settings, name: str, inputs: StageInp
     history, weights, weights_epoch = run_stage(
         recipe, train_batches, validation_batches, stage.training["epochs"], checkpoint_dir,
         stage_fingerprint, metadata, local["checkpoint_epochs"], limits["max_epochs_per_run"],
-        time_limit(local, job_runtime), stage.training["stage_model"], monitor,
+        time_limit(local, job_runtime), stage.training["stage_model"], monitor, ranks,
     )
+    if not ranks.main:
+        return
     write_text(outputs.history, pd.DataFrame(history).to_csv(index=False))
     problem = {"data": {k: settings["data"][k] for k in ("kind", "simulate")}, "intrinsic_prior": intrinsic_prior or {},
                **{key: settings[key] for key in PROBLEM_KEYS}}
