@@ -183,9 +183,10 @@ class InferenceModel:
             noise = torch.randn(num_samples, len(self.names), generator=generator).to(self.device)
             samples, log_q = [], []
             for start in range(0, num_samples, SAMPLE_BLOCK):
-                z, log_q_network = self.network.from_noise(noise[start:start + SAMPLE_BLOCK], context)
-                samples.append(trafo.labels_from_network(z).cpu())
-                log_q.append((log_q_network.to(torch.float64) + trafo.log_abs_det_jacobian(z)).cpu())
+                drawn, log_q_drawn = trafo.physical_draws(*self.network.from_noise(noise[start:start + SAMPLE_BLOCK],
+                                                                                   context))
+                samples.append(drawn)
+                log_q.append(log_q_drawn)
             yield Batch(torch.cat(samples), torch.cat(log_q), {"log_prob": torch.cat(log_q)})
 
     def predict(self, inputs: torch.Tensor, features: torch.Tensor) -> dict[str, np.ndarray]:

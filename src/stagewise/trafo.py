@@ -64,6 +64,11 @@ class Trafo:
         per_label = -torch.log(std) - torch.where(logs, torch.log(x), torch.zeros_like(x))
         return per_label.sum(-1)
 
+    def physical_draws(self, z: torch.Tensor, log_q_network: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draws in network space (..., P) with their log q as physical float64 samples with log q in physical
+        units, on the CPU (where the likelihood and the files take them)."""
+        return self.labels_from_network(z).cpu(), (log_q_network.to(torch.float64) + self.log_abs_det_jacobian(z)).cpu()
+
     def inputs_to_network(self, inputs: torch.Tensor) -> torch.Tensor:
         """Inputs (B, ...) as the network sees them, float32."""
         if self._any_log_input:

@@ -201,10 +201,11 @@ def flow_posteriors(model: PosteriorModel, sampler: GNPESampler | None, trafo: T
         def flow_draws(i: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             yield samples[i], log_q[i]
             generator = seeds.generator(seed, "evaluation", "sampling", i, device=inputs.device)
+            with torch.no_grad():
+                context = model.embedding(inputs[i:i + 1], features[i:i + 1])
             while True:
                 noise = torch.randn(num_samples, len(names), generator=generator, device=inputs.device)
-                z, log_q_network = model.from_noise(noise, model.embedding(inputs[i:i + 1], features[i:i + 1]))
-                yield physical(trafo, z, log_q_network)
+                yield trafo.physical_draws(*model.from_noise(noise, context))
 
         return FlowPosteriors(samples, flow_draws if weigh else None, mean, std, None)
     data = test.injections.whitened_data
@@ -269,11 +270,6 @@ def gnpe_report(table: pd.DataFrame, efficiencies: pd.DataFrame, sampler: GNPESa
             "edge_fraction_median": float(table["edge_fraction"].median())}
 
 
-def physical(trafo: Trafo, z: torch.Tensor, log_q_network: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draws in network space (..., P) with their log q as physical samples and log q in physical units."""
-    return trafo.labels_from_network(z).cpu(), (log_q_network.to(torch.float64) + trafo.log_abs_det_jacobian(z)).cpu()
-
-
 def posterior_samples(model: PosteriorModel, trafo: Trafo, strain: torch.Tensor, features: torch.Tensor,
                       num_samples: int) -> tuple[torch.Tensor, ...]:
     """Physical posterior samples (N, S, P), their log q in physical space (N, S), and the mean and
@@ -282,7 +278,7 @@ def posterior_samples(model: PosteriorModel, trafo: Trafo, strain: torch.Tensor,
     for start in tqdm(range(0, len(strain), SAMPLING_CHUNK), desc="sampling", mininterval=5):
         chunk = slice(start, start + SAMPLING_CHUNK)
         z, log_q_network = model.sample(strain[chunk], features[chunk], num_samples)
-        drawn, log_q_drawn = physical(trafo, z, log_q_network)
+        drawn, log_q_drawn = trafo.physical_draws(z, log_q_network)
         samples.append(drawn)
         log_q.append(log_q_drawn)
         means.append(z.mean(1).cpu())
