@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from helpers import REPO, SYSTEM_UP, _system, cluster_overrides, copy_workflow, planned_jobs, snakemake
+from helpers import LONG_STAGE, REPO, SYSTEM_UP, _system, cluster_overrides, copy_workflow, planned_jobs, snakemake
 
 # The parts of tests/system-up.sh, by the fixture of the tests that need them.
 SYSTEM_PARTS = {"chromium": "chromium", "slurm": "slurm"}
@@ -40,6 +40,15 @@ def pytest_sessionfinish(session):
     if "slurm" in _system.get("parts", ()):
         _system["process"].wait()
         subprocess.run(["bash", str(REPO / "tests/cluster/slurm-down.sh")], check=False)
+
+
+@pytest.fixture(scope="session")
+def before_training(tmp_path_factory):
+    """A workflow copy with everything before train_stage_0 of LONG_STAGE done (the interruption and
+    data-parallel tests copy it)."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("before_training"))
+    snakemake(workdir, "build_svd", overrides=LONG_STAGE)
+    return workdir
 
 
 @pytest.fixture(scope="session")

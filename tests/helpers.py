@@ -83,6 +83,12 @@ def cluster_overrides(epochs):
             "training": {"stage_0": {"epochs": epochs, "batch_size": 10}}}
 
 
+# The interruption tests' stage 0: 8 epochs of 40 steps, blocks of 25 events shuffled in buffers of about 50
+# (0.1 MB): the order of a split larger than memory.
+LONG_STAGE = {"training": {"stage_0": {"epochs": 8, "batch_size": 10}},
+              "data": {"shuffle": {"block_events": 25, "buffer_mb": 0.1}}}
+
+
 def wait_for(condition, process, timeout=60.0, interval=0.01):
     """Poll `condition()` until true; False if the process ended first or on timeout."""
     deadline = time.monotonic() + timeout

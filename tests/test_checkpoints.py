@@ -3,6 +3,7 @@ bit for bit where an uninterrupted run ends; checkpoints of other settings are m
 
 import logging
 import os
+import signal
 import time
 
 import pytest
@@ -13,7 +14,7 @@ from stagewise.files import atomic_path
 from stagewise.training import checkpoints
 from stagewise.training.lock import STALE_AFTER
 from stagewise.training.optim import TorchRecipe
-from stagewise.training.runner import StageStopped, run_stage
+from stagewise.training.runner import STOP_SIGNALS, StageStopped, run_stage, stop_requests
 from stagewise.training.stage import time_limit
 
 EPOCHS = 6
@@ -261,3 +262,16 @@ def test_every_checkpoint_refreshes_the_lock_heartbeat(tmp_path):
     train(folder, checkpoint_epochs=2, monitor=watcher)
 
     assert watcher.fresh == [True] * EPOCHS
+
+
+@pytest.mark.parametrize("stop_signal", STOP_SIGNALS, ids=lambda s: s.name)
+def test_each_stop_signal_becomes_a_request_to_stop_and_the_handler_is_restored(stop_signal):
+    """SIGTERM, SIGINT and SIGUSR1 (real signals to this process) set the request the runner checks after each
+    step, instead of ending the process; the interruption tests run SIGTERM and SIGINT end to end."""
+    before = signal.getsignal(stop_signal)
+    with stop_requests() as requests:
+        assert requests["signal"] is None
+        os.kill(os.getpid(), stop_signal)
+        time.sleep(0.01)  # the handler runs between bytecodes of the main thread
+        assert requests["signal"] == stop_signal.name
+    assert signal.getsignal(stop_signal) == before

@@ -2,8 +2,8 @@
 
 Unit level: ranks started by torch.multiprocessing train a small float64 flow on batches drawn from
 an epoch generator, against the same steps in one process. Workflow level: `snakemake train_stage_0`
-on the tiny config with local.cpu_processes: 2 (the job supervises two ranks), run twice, stopped by
-SIGTERM mid-epoch, with one rank SIGKILLed, and resumed on two ranks and on one.
+on the tiny config with local.cpu_processes: 2 (the job supervises two ranks; 4 epochs of 40 steps),
+run twice, stopped by SIGTERM mid-epoch, with one rank SIGKILLed, and resumed on two ranks and on one.
 """
 
 import copy
@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
-from helpers import copy_workflow, snakemake, tiny_config, training_process, wait_for
+from helpers import LONG_STAGE, snakemake, tiny_config, training_process, wait_for
 from stagewise import config as settings
 from stagewise.data import EpochBatches
 from stagewise.models.posterior import PosteriorModel
@@ -28,7 +28,7 @@ from stagewise.training.optim import TorchRecipe
 from stagewise.training.parallel import init_ranks
 from stagewise.training.ranks import Ranks
 from test_checkpoints import without_times
-from test_interruption import CHECKPOINTS, LOG, LONG_STAGE, MODEL, start_training
+from test_interruption import CHECKPOINTS, LOG, MODEL, start_training
 
 ARCHITECTURE = dict(num_detectors=2, num_inputs=2 * 6, svd_size=4, num_asd_features=2, num_parameters=2,
                     embedding={"hidden_dims": [16, 16], "output_dim": 8},
@@ -128,15 +128,10 @@ def test_one_rank_through_the_data_parallel_path_trains_bit_for_bit_as_one_proce
 
 # ---- the training job: two ranks under `snakemake train_stage_0` ----
 
-TWO_RANKS = {**LONG_STAGE, "local": {"cpu_processes": 2}}
-ONE_RANK = {**LONG_STAGE, "local": {"cpu_processes": 1}}
-
-
-@pytest.fixture(scope="module")
-def before_training(tmp_path_factory):
-    workdir = copy_workflow(tmp_path_factory.mktemp("ranks_before_training"))
-    snakemake(workdir, "build_svd", overrides=TWO_RANKS)
-    return workdir
+EPOCHS = 4
+TWO_RANKS = {**LONG_STAGE, "training": {"stage_0": {"epochs": EPOCHS, "batch_size": 10}},
+             "local": {"cpu_processes": 2}}
+ONE_RANK = {**TWO_RANKS, "local": {"cpu_processes": 1}}
 
 
 def copy_of(workdir, target):
@@ -186,7 +181,7 @@ def alive(pid):
 def test_two_rank_job_equals_its_rerun_bit_for_bit(before_training, two_ranks, tmp_path):
     reference, log = two_ranks
     assert "training stage_0 on 2 ranks (cpu), 1 threads each" in log
-    assert "rank 0 stagewise.training.runner: epoch 8/8" in log
+    assert f"rank 0 stagewise.training.runner: epoch {EPOCHS}/{EPOCHS}" in log
     workdir = copy_of(before_training, tmp_path / "workdir")
     snakemake(workdir, "train_stage_0", overrides=TWO_RANKS)
     assert_same_model(workdir, reference)
@@ -198,7 +193,7 @@ def start_two_ranks(before_training, target):
     workdir = copy_of(before_training, target)
     (workdir / "overrides.yaml").write_text(yaml.safe_dump(TWO_RANKS))
     process = start_training(workdir)
-    assert wait_for(lambda: "epoch 2/8" in (workdir / LOG).read_text() if (workdir / LOG).exists() else False,
+    assert wait_for(lambda: f"epoch 2/{EPOCHS}" in (workdir / LOG).read_text() if (workdir / LOG).exists() else False,
                     process)
     supervisor = training_process(workdir)
     assert supervisor is not None
@@ -217,7 +212,7 @@ def test_sigterm_mid_epoch_stops_both_ranks_at_one_step_with_exit_75_and_resumes
     assert "returned non-zero exit status 75" in output
     assert not any(alive(pid) for pid in ranks.values())
     log = (workdir / LOG).read_text()
-    stop = re.search(r"rank 0 \S+: stopping in epoch (\d+)/8 at step (\d+) of 40: received SIGTERM", log)
+    stop = re.search(rf"rank 0 \S+: stopping in epoch (\d+)/{EPOCHS} at step (\d+) of 40: received SIGTERM", log)
     assert stop, log[-2000:]
     state = torch.load(workdir / CHECKPOINTS / "model_latest.pt", weights_only=True)
     assert state["ranks"] == 2
@@ -232,7 +227,7 @@ def test_sigterm_mid_epoch_stops_both_ranks_at_one_step_with_exit_75_and_resumes
     log = (one_rank / LOG).read_text()
     assert "resuming a checkpoint written by 2 ranks on 1: the rest of the stage trains as 1 rank would" in log
     resumed = torch.load(one_rank / MODEL, weights_only=True)
-    assert [row["epoch"] for row in resumed["history"]] == list(range(1, 9))
+    assert [row["epoch"] for row in resumed["history"]] == list(range(1, EPOCHS + 1))
     done = int(stop[1]) - 1  # the epochs before the stop, kept in the checkpoint
     assert without_times(resumed["history"][:done]) == without_times(reference["history"][:done])
 

@@ -307,7 +307,8 @@ def test_every_artefact_carries_its_settings_and_provenance(tiny_run):
 @pytest.mark.slow
 def test_local_settings_are_saved_beside_the_results(tiny_run):
     saved = yaml.safe_load((tiny_run[0] / "results" / "tiny" / "local_settings.yaml").read_text())
-    assert saved == {"device": "cpu", "threads": 2, "checkpoint_epochs": 1, "memory_limit_mb": 8192, "wandb": None,
+    assert saved == {"device": "cpu", "threads": 2, "cpu_processes": 1, "checkpoint_epochs": 1, "memory_limit_mb": 8192,
+                     "wandb": None,
                      "wandb_run_ids": {},
                      "runtime_limits": {"max_time_per_run": None, "max_epochs_per_run": None},
                      "training_job": {"gpus": 1, "mem_mb": 16000, "runtime": 1440, "stop_margin": 300}}
