@@ -106,6 +106,11 @@ def test_a_stage_file_for_append_stage_gets_the_same_checks_and_the_schema_defau
     assert stage_from_file(tmp_path / "good.yaml")["stage_model"] == "last"
     with pytest.raises(ValueError, match=r"bad.yaml: stage setting optimizer.betas: not an argument of optimizer"):
         stage_from_file(tmp_path / "bad.yaml")
+    (tmp_path / "broken.yaml").write_text("epochs: [5\nbatch_size: 10\n")
+    with pytest.raises(ValueError) as broken:
+        stage_from_file(tmp_path / "broken.yaml")
+    assert "broken.yaml: cannot read stage settings (while parsing" in str(broken.value)
+    assert "\n" not in str(broken.value)  # one line, though YAML's message has several
 
 
 def test_gradient_clipping_by_norm_and_by_value():

@@ -77,7 +77,7 @@ def stage_from_file(path: str | Path) -> Settings:
     try:
         settings = yaml.safe_load(Path(path).read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ValueError(f"{path}: cannot read stage settings ({err})") from None
+        raise ValueError(f"{path}: cannot read stage settings ({' '.join(str(err).split())})") from None
     error = schema_error(settings, {**schema()["$defs"]["stage"], "$defs": schema()["$defs"]})
     if error is None:
         try:
