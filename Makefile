@@ -8,7 +8,7 @@ TORCH_PIN := torch==2.13.0
 CORES ?= 2
 RUN := default
 
-.PHONY: setup run lint test test-fast bench bench-infer bench-gnpe learning-curve dag clean
+.PHONY: setup run sweep lint test test-fast bench bench-infer bench-gnpe learning-curve dag clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,13 @@ run: setup
 	CONDOR_CONFIG=/dev/null $(BIN)/snakemake --cores $(CORES)
 	CONDOR_CONFIG=/dev/null $(BIN)/snakemake --report results/$(RUN)/report.html
 	@echo "Report: $(CURDIR)/results/$(RUN)/report.html (metrics: results/$(RUN)/evaluation/metrics.json)"
+
+# The example sweep (config/sweep_example.yaml, about 40 min on 2 cores): every run trained, evaluated and compared.
+SWEEP ?= config/sweep_example.yaml
+sweep: setup
+	CONDOR_CONFIG=/dev/null $(BIN)/snakemake sweep --cores $(CORES) --config sweep=$(SWEEP)
+	CONDOR_CONFIG=/dev/null $(BIN)/snakemake sweep --report results/sweep_report.html --config sweep=$(SWEEP)
+	@echo "Report: $(CURDIR)/results/sweep_report.html (table: results/<sweep name>/comparison.csv)"
 
 # Static checks: ruff, the layer contract (pyproject's [tool.importlinter]) and the type checker.
 # snakefmt and `snakemake --lint` run inside the tests (tests/test_workflow.py).

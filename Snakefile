@@ -9,12 +9,8 @@ configfile: "config/config.yaml"
 report: "workflow/report/workflow.rst"
 
 
-include: "workflow/rules/common.smk"
-include: "workflow/rules/data.smk"
-include: "workflow/rules/preprocess.smk"
-include: "workflow/rules/train.smk"
-include: "workflow/rules/evaluate.smk"
-include: "workflow/rules/infer.smk"
+include: "workflow/run.smk"
+include: "workflow/rules/sweep.smk"
 
 
 rule all:

@@ -56,7 +56,8 @@ def schema_error(instance: Any, spec: Settings) -> str | None:
 def validate(config: Settings) -> None:
     """Check `config` completely (the schema, then what the schema cannot say) and fill in the
     defaults of the stages' optional keys; ValueError with one line naming the key otherwise."""
-    config.setdefault("gnpe", None)
+    for key in ("gnpe", "training_seed", "sweep"):  # optional keys of older configs
+        config.setdefault(key, None)
     error = schema_error(config, schema())
     if error is not None:
         raise ValueError(f"config key {error} (schema {resources.files('stagewise') / 'config.schema.yaml'})")
@@ -413,10 +414,17 @@ def svd_settings(config: Settings) -> Settings:
     return _pick(config, (*PROBLEM_KEYS, "svd")) | _gnpe(config, "kernel")
 
 
+def _training_seed(settings: Settings, config: Settings) -> Settings:
+    """A training step's settings with `seed` replaced by the config's training_seed where one is set."""
+    if config.get("training_seed") is not None:
+        settings["seed"] = config["training_seed"]
+    return settings
+
+
 def stage_settings(config: Settings, stage: str) -> Settings:
     settings = _pick(config, (*PROBLEM_KEYS, "model")) | {"training": {stage: config["training"][stage]}}
     settings["data"]["shuffle"] = config["data"]["shuffle"]
-    return settings | _gnpe(config, "kernel")
+    return _training_seed(settings, config) | _gnpe(config, "kernel")
 
 
 def init_settings(config: Settings) -> Settings:
@@ -429,7 +437,7 @@ def init_settings(config: Settings) -> Settings:
                                                     "flow": init["flow"]},
         "training": {INIT_STAGE: init["training"]}}
     settings["data"]["shuffle"] = config["data"]["shuffle"]
-    return settings
+    return _training_seed(settings, config)
 
 
 def evaluation_settings(config: Settings) -> Settings:

@@ -25,7 +25,7 @@ rule count_events:
             lambda wildcards: {split: split_files(split) for split in settings.SPLITS}
         ),
     output:
-        RUN / "counts.yaml",
+        COUNTS,
     log:
         log_file("count_events"),
     conda:

@@ -1,18 +1,18 @@
 # The evaluation's files: every model type writes the metrics and the common plots; the flow
 # (a posterior) also P-P, corner plots and importance sampling.
-EVALUATION = RUN / "evaluation"
+EVALUATION = place("evaluate") / "evaluation"
 EVALUATION_OUTPUTS = dict(
     metrics=EVALUATION / "metrics.json",
     metrics_table=report(
         EVALUATION / "metrics.html",
         caption="../report/metrics.rst",
-        category="Evaluation",
+        **report_group("Evaluation"),
     ),
     **{
         name: report(
             EVALUATION / f"{name}.png",
             caption=f"../report/{name}.rst",
-            category="Evaluation",
+            **report_group("Evaluation"),
         )
         for name in (
             "loss_curves",
@@ -29,7 +29,7 @@ if not settings.is_regression(config):
             name: report(
                 EVALUATION / f"{name}.png",
                 caption=f"../report/{name}.rst",
-                category="Evaluation",
+                **report_group("Evaluation"),
             )
             for name in (
                 "pp_plot",
@@ -46,7 +46,7 @@ if GNPE:
             name: report(
                 EVALUATION / f"{name}.png",
                 caption=f"../report/{name}.rst",
-                category="Evaluation",
+                **report_group("Evaluation"),
             )
             for name in ("gnpe_iterations", "time_posterior")
         },
@@ -57,7 +57,7 @@ rule evaluate:
     input:
         model=stage_model(STAGES[-1]),
         histories=[stage_dir(stage) / "history.csv" for stage in STAGES],
-        trafo=rules.fit_trafo.output[0],
+        trafo=TRAFO,
         test=split_files("test"),
         fiducial_asd=asd_file("fiducial_asd"),
         asd_set=asd_file("asd_set"),

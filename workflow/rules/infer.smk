@@ -1,7 +1,7 @@
 # Posteriors of observed events: one job per set of inference.sets (plus the simulated set of the
 # embedded problem), from the last stage's model file. `snakemake infer` builds them all.
-INFERENCE = RUN / "inference"
-OBSERVED = RUN / "data" / "observed.h5"
+INFERENCE = place("infer_set") / "inference"
+OBSERVED = place("simulate_observed") / "data" / "observed.h5"
 INFERENCE_SETS = settings.inference_sets(config, str(OBSERVED))
 
 
@@ -34,16 +34,14 @@ INFER_OUTPUTS = dict(
     summary=report(
         INFERENCE / "{set}" / "summary.csv",
         caption="../report/summary.rst",
-        category="Inference",
-        subcategory="{set}",
+        **report_group("Inference", "{set}"),
     ),
 )
 if not settings.is_regression(config):
     INFER_OUTPUTS["corner"] = report(
         INFERENCE / "{set}" / "corner.png",
         caption="../report/infer_corner.rst",
-        category="Inference",
-        subcategory="{set}",
+        **report_group("Inference", "{set}"),
     )
 
 

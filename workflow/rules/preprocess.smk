@@ -1,10 +1,10 @@
 rule fit_trafo:
     input:
-        counts=ancient(rules.count_events.output[0]),
+        counts=ancient(COUNTS),
         events=split_files("trafo"),
         fiducial_asd=asd_file("fiducial_asd"),
     output:
-        RUN / "trafo.h5",
+        TRAFO,
     log:
         log_file("fit_trafo"),
     conda:
@@ -19,7 +19,7 @@ if SVD_NAMES:
 
     rule build_svd:
         input:
-            trafo=rules.fit_trafo.output[0],
+            trafo=TRAFO,
             events=split_files("training"),
             fiducial_asd=asd_file("fiducial_asd"),
         output:

@@ -9,7 +9,7 @@ for stage in TRAINED:
             f"train_{stage}"
         input:
             **stage_inputs(stage),
-            trafo=rules.fit_trafo.output[0],
+            trafo=TRAFO,
             training=split_files("training"),
             validation=split_files("validation"),
             fiducial_asd=asd_file("fiducial_asd"),

@@ -218,3 +218,24 @@ def pulls(pulls_by_label: Mapping[str, np.ndarray], path: str | Path) -> None:
         ax.plot(grid, stats.norm.pdf(grid), color="black", linewidth=1)
         ax.set(title=f"{name}: std {np.std(pulls_by_label[name]):.2f}", xlabel="pull")
     _save(fig, path)
+
+
+def validation_curves(runs: Sequence[tuple[str, str, Sequence[pd.DataFrame]]], path: str | Path) -> None:
+    """The validation loss of every run over its running epoch (all stages), one colour per setting and
+    one line style per seed replica; the y range is that of the last stage's losses, whose differences
+    matter. runs: (run name, setting, history of each stage)."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    settings = list(dict.fromkeys(setting for _, setting, _ in runs))
+    replicas: dict[str, int] = {}
+    for name, setting, histories in runs:
+        losses = pd.concat([history["validation_loss"] for history in histories], ignore_index=True)
+        replica = replicas[setting] = replicas.get(setting, -1) + 1
+        ax.plot(np.arange(1, len(losses) + 1), losses, color=f"C{settings.index(setting) % 10}",
+                linestyle=("-", "--", ":", "-.")[replica % 4], label=name)
+    last = pd.concat([histories[-1]["validation_loss"] for _, _, histories in runs])
+    low, high = np.nanmin(last), np.nanmax(last)
+    ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
+    ax.set(xlabel="epoch (all stages)", ylabel="validation loss (-log q)",
+           title="Validation loss of every run (y: the range of the last stage)")
+    ax.legend(fontsize="small", ncol=2)
+    _save(fig, path)
