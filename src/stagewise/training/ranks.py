@@ -29,19 +29,12 @@ class Ranks:
         """Rank 0, which writes the files."""
         return self.rank == 0
 
-    def bounds(self, rows: int) -> tuple[int, int]:
-        """(start, stop) of this rank's rows of a batch of `rows`: contiguous, the first rows % size ranks
-        one row more (as torch.tensor_split)."""
-        base, extra = divmod(rows, self.size)
-        start = self.rank * base + min(self.rank, extra)
-        return start, start + base + (self.rank < extra)
-
     def shard(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """This rank's rows of every tensor of a batch."""
+        """This rank's rows of every tensor of a batch: contiguous, the first rows % size ranks one row more
+        (torch.tensor_split)."""
         if self.size == 1:
             return tuple(batch)
-        start, stop = self.bounds(len(batch[0]))
-        return tuple(tensor[start:stop] for tensor in batch)
+        return tuple(tensor.tensor_split(self.size)[self.rank] for tensor in batch)
 
     def weight(self, shard_rows: int, batch_rows: int) -> float:
         """The factor on a shard's mean loss that makes the ranks' average the whole batch's mean (1 for one rank)."""
