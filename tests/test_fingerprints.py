@@ -74,6 +74,7 @@ def test_fingerprint_changes_with_the_bytes_of_any_input_file(config, tmp_path, 
 # (simulation, trafo, svd, ...) reach a stage through the bytes of the files they change, not its settings.
 CHANGES = {
     "seed": 43,
+    "training_seed": 7,
     "data.kind": "observations",
     "data.simulate": False,
     "data.shuffle.block_events": 1024,
@@ -95,6 +96,7 @@ CHANGES = {
 }
 SAME = {
     "run": "other",
+    "sweep": "config/sweep_example.yaml",
     "data.training_data_file": "elsewhere/*.h5",
     "data.validation_data_file": "elsewhere/validation.h5",
     "data.test_data_file": "elsewhere/test.h5",

@@ -135,13 +135,15 @@ def sweep_run(tmp_path_factory):
     """A workflow copy where `snakemake sweep` ran the tiny problem's SWEEP: (workdir, jobs it ran)."""
     workdir = copy_workflow(tmp_path_factory.mktemp("sweep"))
     write(workdir, SWEEP)
-    jobs = planned_jobs(snakemake(workdir, "sweep", overrides={"sweep": "sweep.yaml", "evaluation": EVALUATION}).output)
+    one_thread = {"sweep": "sweep.yaml", "evaluation": EVALUATION, "local": {"threads": 1}}  # two jobs at a time
+    jobs = planned_jobs(snakemake(workdir, "sweep", overrides=one_thread).output)
     return workdir, jobs
 
 
 def dry_sweep(workdir, sweep, check=True):
     write(workdir, sweep, "changed.yaml")
-    return snakemake(workdir, "sweep", "-n", overrides={"sweep": "changed.yaml", "evaluation": EVALUATION}, check=check)
+    overrides = {"sweep": "changed.yaml", "evaluation": EVALUATION, "local": {"threads": 1}}
+    return snakemake(workdir, "sweep", "-n", overrides=overrides, check=check)
 
 
 @pytest.mark.slow
