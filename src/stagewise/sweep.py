@@ -50,9 +50,7 @@ class SweepRun:
 
     @property
     def rule_prefix(self) -> str:
-        """The prefix of this run's rule names: its name with every character other than a letter, digit
-        or '_' as '_', and '__' (run lr_1e-4: rule lr_1e_4__train_stage_1)."""
-        return re.sub(r"\W", "_", self.name) + "__"
+        return rule_prefix(self.name)
 
     def borrowed_steps(self) -> list[str]:
         """The rules this run does not define: it reads their files from an earlier run's folder."""
@@ -69,6 +67,12 @@ class SweepRun:
     def module_config(self) -> Settings:
         """The config its Snakemake module reads: the run's, plus `_sweep` (popped by common.smk)."""
         return {**copy.deepcopy(self.config), "_sweep": {"name": self.name, "places": dict(self.places)}}
+
+
+def rule_prefix(run_name: str) -> str:
+    """The prefix of a run's rule names: its name with every character other than a letter, digit or '_'
+    as '_', and '__' (run lr_1e-4: rule lr_1e_4__train_stage_1)."""
+    return re.sub(r"\W", "_", run_name) + "__"
 
 
 def no_sweep_file(*_: Any) -> list[str]:
@@ -157,9 +161,9 @@ def _run_configs(path: str | Path, name: str, replicas: int, entries: Any,
         for replica in range(replicas):
             seed = first_seed + replica
             run_name = group if replicas == 1 else f"{group}.seed{seed}"
-            prefix = re.sub(r"\W", "_", run_name)
+            prefix = rule_prefix(run_name)
             if prefix in prefixes:
-                raise ValueError(f"{where}: its rule names would be those of another run ({prefix}__...): rename it")
+                raise ValueError(f"{where}: its rule names would be those of another run ({prefix}...): rename it")
             prefixes.add(prefix)
             run_config = dict(copy.deepcopy(config), run=f"{name}.{run_name}", sweep=None,
                               training_seed=seed if replicas > 1 else config["training_seed"])
