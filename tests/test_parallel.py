@@ -178,13 +178,21 @@ def alive(pid):
 
 
 @pytest.mark.slow
-def test_two_rank_job_equals_its_rerun_bit_for_bit(before_training, two_ranks, tmp_path):
+def test_two_rank_job_after_a_settings_change_moves_the_old_checkpoints_aside_and_equals_a_fresh_run(
+        before_training, two_ranks, tmp_path):
+    """Every rank looks for a checkpoint to resume from; only rank 0 may move another configuration's aside
+    (both once raced to rename the folder, and the job failed)."""
     reference, log = two_ranks
     assert "training stage_0 on 2 ranks (cpu), 1 threads each" in log
     assert f"rank 0 stagewise.training.runner: epoch {EPOCHS}/{EPOCHS}" in log
     workdir = copy_of(before_training, tmp_path / "workdir")
+    one_epoch = copy.deepcopy(TWO_RANKS)
+    one_epoch["training"]["stage_0"]["epochs"] = 1
+    snakemake(workdir, "train_stage_0", overrides=one_epoch)
     snakemake(workdir, "train_stage_0", overrides=TWO_RANKS)
     assert_same_model(workdir, reference)
+    aside = [folder.name for folder in (workdir / CHECKPOINTS).parent.glob("stage_0.*")]
+    assert len(aside) == 1 and "were made by other settings" in (workdir / LOG).read_text(), aside
 
 
 def start_two_ranks(before_training, target):

@@ -170,6 +170,14 @@ class _Run:
         return state["model"], state["epoch"]
 
 
+def _resume_state(checkpoint_dir: Path, fingerprint: str, ranks: Ranks) -> dict[str, Any] | None:
+    """checkpoints.resume_state on every rank, rank 0 first: it may move another configuration's folder
+    aside or remove a killed write's leftovers, which the other ranks must not race it to."""
+    state = checkpoints.resume_state(checkpoint_dir, fingerprint) if ranks.main else None
+    ranks.sum([0.0])  # the other ranks wait here for rank 0
+    return state if ranks.main else checkpoints.resume_state(checkpoint_dir, fingerprint)
+
+
 def run_stage(recipe: Recipe, train_batches: Callable[[int], EpochBatches],
               validation_batches: Callable[[], EpochBatches], epochs: int, checkpoint_dir: str | Path,
               fingerprint: str, metadata: dict[str, Any], checkpoint_epochs: int = 10,
@@ -189,7 +197,7 @@ def run_stage(recipe: Recipe, train_batches: Callable[[int], EpochBatches],
     lock = nullcontext(heartbeat(checkpoint_dir)) if ranks.supervised else checkpoint_lock(checkpoint_dir)
     with lock as beat, stop_requests() as requests:
         run = _Run(recipe, checkpoint_dir, fingerprint, metadata, beat, ranks)
-        state = checkpoints.resume_state(checkpoint_dir, fingerprint)
+        state = _resume_state(checkpoint_dir, fingerprint, ranks)
         if state is not None:
             run.restore(state)
         start, epochs_this_run = time.monotonic(), 0
