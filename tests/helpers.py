@@ -43,9 +43,9 @@ def copy_workflow(target):
     return target
 
 
-def snakemake(workdir, *args, overrides=None, check=True, configfiles=("config/config.yaml", "tiny.yaml")):
+def snakemake(workdir, *args, overrides=None, check=True, configfiles=("config/config.yaml", "tiny.yaml"), cpus=None):
     """Run `snakemake --cores 2` on the tiny config (or `configfiles`), plus an optional overrides
-    dict, in `workdir`.
+    dict, in `workdir`; on the CPUs `cpus` only (a set of CPU numbers) if given.
 
     Targets must come first in `args` (multi-value options swallow what follows them)."""
     configfiles = list(configfiles)
@@ -54,7 +54,8 @@ def snakemake(workdir, *args, overrides=None, check=True, configfiles=("config/c
         configfiles.append("overrides.yaml")
     command = [sys.executable, "-m", "snakemake", *args, "--cores", "2", "--configfile", *configfiles]
     env = dict(os.environ, CONDOR_CONFIG="/dev/null")
-    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, env=env)
+    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, env=env,
+                            preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus))
     result.output = result.stdout + result.stderr
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.output[-5000:]}")
