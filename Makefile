@@ -8,7 +8,7 @@ TORCH_PIN := torch==2.13.0
 CORES ?= 2
 RUN := default
 
-.PHONY: setup run sweep lint test test-fast bench bench-infer bench-gnpe learning-curve dag clean
+.PHONY: setup run sweep peers-env bench-peers lint test test-fast bench bench-infer bench-gnpe learning-curve dag clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,23 @@ sweep: setup
 	CONDOR_CONFIG=/dev/null $(BIN)/snakemake sweep --cores $(CORES) --config sweep=$(SWEEP)
 	CONDOR_CONFIG=/dev/null $(BIN)/snakemake sweep --report results/sweep_report.html --config sweep=$(SWEEP)
 	@echo "Report: $(CURDIR)/results/sweep_report.html (table: results/<sweep name>/comparison.csv)"
+
+# The peers' environment (.venv-peers, never stagewise's dependencies): Dingo, bilby and dynesty beside the
+# CPU torch; torchvision replaced by a stub (bench/peers/requirements.txt says why).
+peers-env: .venv-peers/.installed
+.venv-peers/.installed: bench/peers/requirements.txt pyproject.toml
+	$(PYTHON) -m venv .venv-peers
+	.venv-peers/bin/pip install --quiet --upgrade pip
+	.venv-peers/bin/pip install --quiet $(TORCH_PIN)
+	.venv-peers/bin/pip install --quiet -e . -r bench/peers/requirements.txt $(TORCH_PIN)
+	.venv-peers/bin/pip uninstall --quiet --yes torchvision
+	cp -r bench/peers/torchvision_stub/torchvision .venv-peers/lib/python3.11/site-packages/
+	touch $@
+
+# stagewise against Dingo's own data pipeline and against bilby with dynesty (about 25 min on 2 cores from a
+# fresh clone, `make run` included): bench/peers.json and docs/peers_corner.png.
+bench-peers: run peers-env
+	CONDOR_CONFIG=/dev/null .venv-peers/bin/python bench/peers/peers.py
 
 # Static checks: ruff, the layer contract (pyproject's [tool.importlinter]) and the type checker.
 # snakefmt and `snakemake --lint` run inside the tests (tests/test_workflow.py).

@@ -56,11 +56,13 @@ def pp_plot(levels: np.ndarray, names: Sequence[str], pvalues: Mapping[str, floa
 
 
 def corner_plots(network: np.ndarray, exact: Sequence[tuple[np.ndarray, np.ndarray]] | None, truths: np.ndarray | None,
-                 names: Sequence[str], path: str | Path, titles: Sequence[str] | None = None) -> None:
+                 names: Sequence[str], path: str | Path, titles: Sequence[str] | None = None,
+                 labels: tuple[str, str] = ("network", "importance-weighted")) -> None:
     """A corner plot per event, side by side: the network's samples, the importance-weighted ones, truth.
 
     network (E, S, P); exact: per event samples (n, P) and weights (n,) summing to one, or None without IS;
-    truths (E, P) or None when unknown; titles: one per event (default "test event <e>")."""
+    truths (E, P) or None when unknown; titles: one per event (default "test event <e>"); labels: the legend's
+    names of the two sample sets."""
     events, num_samples, count = network.shape
     if exact is not None:  # a fixed-seed resampling, only to show the weighted samples as points
         rng = np.random.default_rng(0)
@@ -96,11 +98,11 @@ def corner_plots(network: np.ndarray, exact: Sequence[tuple[np.ndarray, np.ndarr
                 if r == count - 1:
                     ax.set_xlabel(names[c])
         subfig.suptitle(f"test event {e}" if titles is None else titles[e])
-    handles = [plt.Line2D([], [], color="C0", label="network")]
+    handles = [plt.Line2D([], [], color="C0", label=labels[0])]
     if truths is not None:
         handles.append(plt.Line2D([], [], color="C3", label="truth"))
     if exact is not None:
-        handles.insert(1, plt.Line2D([], [], color="C1", label="importance-weighted"))
+        handles.insert(1, plt.Line2D([], [], color="C1", label=labels[1]))
     fig.legend(handles=handles, loc="upper right")
     _save(fig, path)
 
