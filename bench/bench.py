@@ -57,7 +57,7 @@ def machine():
 
 def default_config(**local):
     """The default problem with the arrival time fixed (config/fixed_time.yaml): the figures stay comparable
-    with those measured before GNPE, and the Dingo-style pipeline does the same work per sample."""
+    with those measured before GNPE (and bench/peers/vs_dingo.py feeds Dingo's fixed-time chain the same data)."""
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     update_config(config, yaml.safe_load((REPO / "config" / "fixed_time.yaml").read_text()))
     config["simulation"]["num_files"] = {"training": 4, "validation": 1, "test": 1}
@@ -186,62 +186,6 @@ def data_parallel_figure(config, files, repeats):
                 rates[name] += json.loads((Path(folder) / "rates.json").read_text())
         ratios.append(rates["2x1"][-1] / rates["1x2"][-1])
     return spread(ratios), {name: spread(values) for name, values in rates.items()}
-
-
-class DingoStyleBatches(torch.utils.data.Dataset):
-    """A Dingo-style pipeline: each item is a whole batch, made in a DataLoader worker with numpy
-    (complex128) transforms: extrinsic draw, projection, SNR scaling, whitening, noise, then the
-    trafo; the model and optimizer are the same as ours."""
-
-    def __init__(self, training, num_batches):
-        bank, simulator = training.bank, training.source.simulator
-        self.h_plus, self.h_cross = (bank.data[k].cpu().numpy().astype(np.complex128) for k in ("h_plus", "h_cross"))
-        self.labels = {k: v.cpu().numpy() for k, v in bank.labels.items()}
-        self.frequencies = simulator.frequencies.cpu().numpy()
-        self.asd = simulator.fiducial_asd.cpu().numpy().astype(np.float64)
-        detectors = simulator.detectors
-        self.fp, self.fx = detectors.antenna_plus.numpy(), detectors.antenna_cross.numpy()
-        self.offsets = detectors.time_offset.numpy()
-        self.trafo, self.batch_size, self.num_batches = training.trafo, training.batch_size, num_batches
-        self.num_asd_features = simulator.num_asd_features
-
-    def __len__(self):
-        return self.num_batches
-
-    def __getitem__(self, item):
-        rng = np.random.default_rng(item)
-        index = rng.choice(len(self.h_plus), self.batch_size, replace=False)
-        n = len(index)
-        snr, phase = rng.uniform(10.0, 40.0, n), rng.uniform(0.0, 2 * np.pi, n)
-        cos, sin = np.cos(phase)[:, None], np.sin(phase)[:, None]
-        plus = cos * self.h_plus[index] - sin * self.h_cross[index]
-        cross = sin * self.h_plus[index] + cos * self.h_cross[index]
-        strain = self.fp[None, :, None] * plus[:, None] + self.fx[None, :, None] * cross[:, None]
-        strain = strain * np.exp(-2j * np.pi * self.offsets[None, :, None] * self.frequencies)
-        whitened = strain / self.asd
-        whitened *= (snr / np.sqrt((np.abs(whitened) ** 2).sum(axis=(1, 2))))[:, None, None]
-        noisy = whitened + rng.standard_normal(whitened.shape) + 1j * rng.standard_normal(whitened.shape)
-        inputs = torch.as_tensor(np.stack((noisy.real, noisy.imag), axis=2), dtype=torch.float32)
-        parameters = {**{k: torch.as_tensor(v[index]) for k, v in self.labels.items()},
-                      "snr": torch.as_tensor(snr), "phase": torch.as_tensor(phase)}
-        return (self.trafo.labels_to_network(parameters), self.trafo.inputs_to_network(inputs),
-                torch.zeros(n, self.num_asd_features))
-
-
-def dingo_style_figure(training, repeats, workers=2):
-    """(b) samples/s of our full training steps over those of the same steps fed by DataLoader workers."""
-    ratios, theirs = [], []
-    for repeat in range(repeats):
-        loader = torch.utils.data.DataLoader(DingoStyleBatches(training, STEPS + 2), batch_size=None,
-                                             num_workers=workers, persistent_workers=False)
-        batches = iter(loader)
-        next(batches)  # the workers' start-up is not counted
-        next(batches)
-        dingo = training.steps_per_second(batches)
-        ours = training.steps_per_second(training.full_steps(100 + repeat))
-        ratios.append(ours / dingo)
-        theirs.append(dingo * training.batch_size)
-    return spread(ratios), {"workers": workers, "dingo_style_samples_per_second": spread(theirs)}
 
 
 def small_files(folder, count, events=16):
@@ -455,8 +399,6 @@ def main():
         results["pipeline_efficiency"], results["matmul_fraction"], details["training"] = \
             training_figures(training, args.repeats)
         print("training figures done", flush=True)
-        results["vs_dingo_style"], details["vs_dingo_style"] = dingo_style_figure(training, args.repeats)
-        print("Dingo-style comparison done", flush=True)
         results["ddp_2x1_vs_1x2"], details["ddp_2x1_vs_1x2"] = data_parallel_figure(config, files, args.repeats)
         print("data-parallel comparison done", flush=True)
         (folder / "small").mkdir()

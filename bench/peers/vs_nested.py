@@ -69,11 +69,11 @@ class StagewiseLikelihood(bilby.Likelihood):
     """stagewise's likelihood of one event, phase marginalised as its importance sampling does."""
 
     def __init__(self, sampler, names, whitened, asd):
-        super().__init__(parameters={name: None for name in names})
+        super().__init__()
         self.sampler, self.names, self.whitened, self.asd = sampler, names, whitened, asd
 
-    def log_likelihood(self):
-        point = torch.tensor([[self.parameters[name] for name in self.names]], dtype=torch.float64)
+    def log_likelihood(self, parameters=None):
+        point = torch.tensor([[parameters[name] for name in self.names]], dtype=torch.float64)
         return float(self.sampler.log_likelihood(point, self.whitened, self.asd)[0])
 
 
@@ -136,6 +136,8 @@ def compare(count, nlive, folder):
         row = {"event": e, "stagewise_log_evidence": ours[e]["log_evidence"],
                "stagewise_log_evidence_std": ours[e]["log_evidence_std"], "stagewise_n_eff": ours[e]["n_eff"],
                "dynesty_log_evidence": first["log_evidence"], "dynesty_log_evidence_err": first["log_evidence_err"],
+               "dynesty_log_evidence_seed2": second["log_evidence"],
+               "dynesty_log_evidence_err_seed2": second["log_evidence_err"],
                "dynesty_samples": len(first["samples"]), "dynesty_seconds": first["seconds"],
                "stagewise_seconds": infer_seconds / count, "stagewise_default_seconds": default_seconds / count,
                "stagewise_default_n_eff": default[e]["n_eff"]}
