@@ -44,7 +44,7 @@ from dingo.gw.training.train_builders import set_train_transforms  # noqa: E402
 from dingo.gw.transforms import ProjectOntoDetectors  # noqa: E402
 
 log = logging.getLogger("vs_dingo")
-WORKERS = 2  # Dingo's DataLoader workers, as bench.dingo_style_figure
+WORKERS = 2  # Dingo's DataLoader workers
 REF_TIME = 1126259462.4  # GPS reference time of Dingo's GW150914 examples
 D_REF, D_MIN, D_MAX = 4000.0, 100.0, 400.0  # Mpc: the polarisations have SNR D_REF / d, 40 to 10
 ADAPTED = [
