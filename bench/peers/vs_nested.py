@@ -37,13 +37,11 @@ EFFECTIVE = 4000  # stagewise's importance sampling: batches of 5,000 until this
 log = logging.getLogger("vs_nested")
 
 
-def observed_events(path, count):
-    """`count` events of the default problem in the layout of the infer step (observed/1), with their truths."""
-    config = yaml.safe_load((REPO / "config/config.yaml").read_text())
+def write_observed_events(config, path, count):
+    """`count` new events of the default problem in the layout of the infer step (observed/1), with their truths."""
     simulate_observed_step(settings.observed_simulation_settings(config) | {"simulated_events": count,
                                                                             "seed": OBSERVED_SEED},
                            str(RUN / "data/fiducial_asd.h5"), str(RUN / "data/asd_set.h5"), str(path))
-    return {name: spec for name, spec in {**config["intrinsic_prior"], **config["extrinsic_prior"]}.items()}
 
 
 def stagewise_posteriors(observed, folder, inference):
@@ -115,8 +113,10 @@ def nested_run(task):
 
 def compare(count, nlive, folder):
     """Per event and parameter the divergences, the evidences and the times; see the module docstring."""
+    config = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    priors = {**config["intrinsic_prior"], **config["extrinsic_prior"]}
     observed = folder / "observed.h5"
-    priors = observed_events(observed, count)
+    write_observed_events(config, observed, count)
     infer_seconds, ours = stagewise_posteriors(observed, folder / "infer", InferenceSettings(
         num_samples=5000, effective_samples=EFFECTIVE, max_samples=100_000, num_plot_events=1))
     default_seconds, default = stagewise_posteriors(observed, folder / "infer_default", InferenceSettings())
