@@ -55,11 +55,12 @@ def machine():
             f"{'cuda ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}")
 
 
-def default_config(**local):
-    """The default problem with the arrival time fixed (config/fixed_time.yaml): the figures stay comparable
-    with those measured before GNPE (and bench/peers/vs_dingo.py feeds Dingo's fixed-time chain the same data)."""
+def default_config(fixed_time=True, **local):
+    """The default problem, by default with the arrival time fixed (config/fixed_time.yaml): the figures stay
+    comparable with those measured before GNPE."""
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    update_config(config, yaml.safe_load((REPO / "config" / "fixed_time.yaml").read_text()))
+    if fixed_time:
+        update_config(config, yaml.safe_load((REPO / "config" / "fixed_time.yaml").read_text()))
     config["simulation"]["num_files"] = {"training": 4, "validation": 1, "test": 1}
     config["local"].update(local)
     settings.validate(config)

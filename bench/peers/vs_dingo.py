@@ -6,14 +6,19 @@ sampling, detector times, projection, noise-ASD sampling, whitening, noise, para
 repackaging) and applied batch-wise by `WaveformDataset.__getitems__` in the workers of a torch
 DataLoader, as Dingo trains. Its batches feed the default model and stage_0 recipe of bench.py; our
 side is the same model fed by stagewise's batch maker. Figure `vs_dingo`: our samples/s of full
-training steps over Dingo's (goal >= 1.5). Run with the peers' environment (`make peers-env`):
+training steps over Dingo's (goal >= 1.5) with the arrival time fixed (bench.default_config); figure
+`vs_dingo_gnpe`: the same on the project's default problem, the arrival time free and aligned by GNPE on
+both sides (stagewise's proxies; Dingo's GNPECoalescenceTimes). Run with the peers' environment
+(`make peers-env`):
 
     .venv-peers/bin/python bench/peers/vs_dingo.py [--repeats 3]
 
 Adapted, since Dingo's transforms cannot express the toy exactly (ADAPTED, also in the output):
 the projection uses bilby's real H1/L1 (sky position, polarisation angle, geometric time delays,
 distance scaling) instead of the toy's fixed antenna factors, time offsets and SNR scaling; a phase
-rotation is added; the third label is the luminosity distance instead of the SNR.
+rotation is added; the third label is the luminosity distance instead of the SNR; with GNPE Dingo draws a
+proxy per detector and its proxies, the network's context in Dingo, are dropped (the stagewise network
+takes none).
 """
 
 import argparse
@@ -44,13 +49,14 @@ from dingo.gw.training.train_builders import set_train_transforms  # noqa: E402
 from dingo.gw.transforms import ProjectOntoDetectors  # noqa: E402
 
 log = logging.getLogger("vs_dingo")
+FIGURES = {"vs_dingo": False, "vs_dingo_gnpe": True}  # figure: with GNPE (the arrival time free) or the time fixed
 WORKERS = 2  # Dingo's DataLoader workers
 REF_TIME = 1126259462.4  # GPS reference time of Dingo's GW150914 examples
 D_REF, D_MIN, D_MAX = 4000.0, 100.0, 400.0  # Mpc: the polarisations have SNR D_REF / d, 40 to 10
 ADAPTED = [
     "Projection: Dingo's ProjectOntoDetectors with bilby's real H1/L1 antenna patterns from ra, dec, psi "
     "(Dingo's default priors) and GetDetectorTimes' geometric delays, instead of the toy's fixed antenna "
-    "factors and time offsets; geocent_time fixed at 0 (DeltaFunction), as the toy's arrival time.",
+    "factors and time offsets.",
     f"SNR: Dingo's luminosity-distance scaling instead of the toy's scaling to a drawn network SNR: the "
     f"polarisations are stored normalised to network SNR 1 (toy antenna factors, fiducial ASD, whitened as "
     f"Dingo whitens) at d_ref = {D_REF:g} Mpc, d ~ Uniform({D_MIN:g}, {D_MAX:g}) Mpc: SNR d_ref / d, 40 to 10, "
@@ -70,6 +76,17 @@ ADAPTED = [
     "DataLoader: as Dingo's build_train_and_test_loaders (shuffled, worker_init_fn=fix_random_seeds) but "
     "without pin_memory (no GPU) and with the training split's events directly (no random_split).",
 ]
+ADAPTED_TIME = {
+    False: "Arrival time: geocent_time fixed at 0 (DeltaFunction), as the toy's.",
+    True: "Arrival time (GNPE): geocent_time drawn from the toy's time prior (about ref_time) and Dingo's "
+          "GNPECoalescenceTimes (exact_equiv True) with stagewise's gnpe.kernel as its uniform kernel. Dingo "
+          "draws a proxy per detector and moves each detector's strain by its own -eps in ProjectOntoDetectors, "
+          "where stagewise draws one proxy t_hat and moves both detectors' data by -t_hat. Dingo's time label "
+          "is geocent_time - H1_time_proxy (ours time - t_hat; Dingo's includes bilby's H1 sky delay), "
+          "standardised as set_train_transforms does. Dingo's context parameters (the relative proxy "
+          "L1_time_proxy_relative, on which Dingo's network is conditioned) are made and dropped in "
+          "collate_fn: the stagewise network takes no context (its one proxy leaves nothing to condition on).",
+}
 
 
 class RotatePhase:
@@ -89,14 +106,15 @@ class ToNetworkBatch:
         self.trafo, self.shape, self.num_asd_features = trafo, (num_detectors, 3, num_bins), num_asd_features
 
     def __call__(self, samples):
-        parameters, waveform = default_collate(samples)
+        parameters, waveform, *_ = default_collate(samples)  # with GNPE Dingo's proxies (context) come last
         assert tuple(waveform.shape[1:]) == self.shape, waveform.shape
         return (parameters, self.trafo.inputs_to_network(waveform[:, :, :2]),
                 torch.zeros(len(parameters), self.num_asd_features))
 
 
-def dingo_dataset(training, folder):
-    """The training split's polarisations as a Dingo WaveformDataset with Dingo's training transforms."""
+def dingo_dataset(training, folder, config):
+    """The training split's polarisations as a Dingo WaveformDataset with Dingo's training transforms: with
+    GNPE as config `gnpe` has it, geocent_time drawn from config's time prior."""
     simulator = training.source.simulator
     frequencies = simulator.frequencies.cpu().numpy()
     delta_f = float(frequencies[1] - frequencies[0])
@@ -127,28 +145,41 @@ def dingo_dataset(training, folder):
         wfd = WaveformDataset(dictionary={"settings": {"domain": domain}, "parameters": parameters,
                                           "polarizations": polarizations}, precision="single")
         uniform = "bilby.core.prior.Uniform(minimum={}, maximum={}, name='{}')"
-        settings = {"detectors": names, "ref_time": REF_TIME,
-                    "inference_parameters": [n for n in training.trafo.names if n in labels] + ["luminosity_distance"],
-                    "extrinsic_prior": {"dec": "default", "ra": "default", "psi": "default",
-                                        "geocent_time": "bilby.core.prior.DeltaFunction(peak=0.0, name='geocent_time')",
-                                        "luminosity_distance": uniform.format(D_MIN, D_MAX, "luminosity_distance"),
-                                        "phase": uniform.format(0.0, 2 * np.pi, "phase")}}
-        set_train_transforms(wfd, settings, str(asd_path), print_output=False)
+        time_prior = config["extrinsic_prior"]["time"]
+        geocent_time = (f"bilby.core.prior.DeltaFunction(peak={time_prior['value']}, name='geocent_time')"
+                        if time_prior["distribution"] == "fixed"
+                        else uniform.format(time_prior["low"], time_prior["high"], "geocent_time"))
+        data_settings = {"detectors": names, "ref_time": REF_TIME,
+                         "inference_parameters": [n for n in training.trafo.names if n in labels]
+                         + ["luminosity_distance"] + (["geocent_time"] if "time" in training.trafo.names else []),
+                         "extrinsic_prior": {"dec": "default", "ra": "default", "psi": "default",
+                                             "geocent_time": geocent_time,
+                                             "luminosity_distance": uniform.format(D_MIN, D_MAX, "luminosity_distance"),
+                                             "phase": uniform.format(0.0, 2 * np.pi, "phase")}}
+        if config["gnpe"] is not None:
+            kernel = config["gnpe"]["kernel"]
+            data_settings["gnpe_time_shifts"] = {
+                "kernel": f"bilby.core.prior.Uniform(minimum={-kernel}, maximum={kernel})", "exact_equiv": True}
+        set_train_transforms(wfd, data_settings, str(asd_path), print_output=False)
     chain = wfd.transform.transforms
     project = next(i for i, t in enumerate(chain) if isinstance(t, ProjectOntoDetectors))
     chain.insert(project, RotatePhase())
-    return wfd, settings
+    return wfd, data_settings
+
+
+def network_batch(training):
+    """The collate_fn that makes Dingo's samples the batches of `training`'s model."""
+    simulator = training.source.simulator
+    return ToNetworkBatch(training.trafo, len(simulator.detectors.names), len(simulator.frequencies),
+                          simulator.num_asd_features)
 
 
 def dingo_loader(wfd, training, batches, seed):
     """Dingo's training DataLoader over `batches` batches of the dataset, with WORKERS workers."""
-    simulator = training.source.simulator
-    collate = ToNetworkBatch(training.trafo, len(simulator.detectors.names), len(simulator.frequencies),
-                             simulator.num_asd_features)
     sampler = RandomSampler(wfd, num_samples=batches * training.batch_size,
                             generator=torch.Generator().manual_seed(seed))
     return DataLoader(wfd, batch_size=training.batch_size, sampler=sampler, num_workers=WORKERS,
-                      worker_init_fn=fix_random_seeds, collate_fn=collate, persistent_workers=False)
+                      worker_init_fn=fix_random_seeds, collate_fn=network_batch(training), persistent_workers=False)
 
 
 def dingo_steps_per_second(training, wfd, seed, expected):
@@ -162,38 +193,45 @@ def dingo_steps_per_second(training, wfd, seed, expected):
     return rate
 
 
-def vs_dingo_figure(repeats):
-    """(vs_dingo) samples/s of our full training steps over those fed by Dingo's transforms and workers:
-    (spread of the ratios, details)."""
+def vs_dingo_figure(repeats, gnpe=False):
+    """(vs_dingo, or with `gnpe` vs_dingo_gnpe) samples/s of our full training steps over those fed by Dingo's
+    transforms and workers: (spread of the ratios, details)."""
+    name = "vs_dingo_gnpe" if gnpe else "vs_dingo"
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
-        config = bench.default_config()
+        config = bench.default_config(fixed_time=not gnpe)
         started = time.perf_counter()
         files = bench.prepare(folder, config)
         training = bench.Training(config, files, "cpu")
-        wfd, settings = dingo_dataset(training, folder)
+        assert training.source.simulator.gnpe_kernel == (config["gnpe"] or {}).get("kernel")  # our batches align
+        wfd, data_settings = dingo_dataset(training, folder, config)
         setup_seconds = time.perf_counter() - started
-        log.info("Dingo chain: %s", " -> ".join(type(t).__name__ for t in wfd.transform.transforms))
         training.steps_per_second(training.batches(2))  # warm-up
-        ours_batch = training.batches(1)[0]
-        expected = [tuple(t.shape) for t in ours_batch]
-        sample = wfd[0]
-        log.info("one Dingo sample: inference_parameters %s, waveform %s; network batch shapes %s (ours the same)",
-                 sample[0].shape, sample[1].shape, expected)
+        expected = [tuple(t.shape) for t in training.batches(1)[0]]
+        samples = wfd.__getitems__(list(range(training.batch_size)))  # one batch of Dingo's, in this process
+        shapes = [tuple(t.shape) for t in network_batch(training)(samples)]
+        assert shapes == expected, (shapes, expected)
+        chain = " -> ".join(type(t).__name__ for t in wfd.transform.transforms)
+        log.info("%s: Dingo chain %s; Dingo's batch %s (inference_parameters, waveform, context %s) -> network "
+                 "batch shapes %s, ours the same", name, chain, [tuple(t.shape) for t in default_collate(samples)],
+                 data_settings["context_parameters"], shapes)
         ratios, ours, theirs = [], [], []
         for repeat in range(repeats):
             ours.append(training.steps_per_second(training.full_steps(100 + repeat)) * training.batch_size)
             theirs.append(dingo_steps_per_second(training, wfd, repeat, expected) * training.batch_size)
             ratios.append(ours[-1] / theirs[-1])
-            log.info("repeat %d: ours %.0f samples/s, Dingo %.0f samples/s", repeat, ours[-1], theirs[-1])
+            log.info("%s repeat %d: ours %.0f samples/s, Dingo %.0f samples/s", name, repeat, ours[-1], theirs[-1])
     return bench.spread(ratios), {
         "batch_size": training.batch_size, "steps_timed": bench.STEPS, "repeats": repeats,
         "ours_samples_per_second": bench.spread(ours), "dingo_samples_per_second": bench.spread(theirs),
         "threads": f"training process: {torch.get_num_threads()} torch threads (both sides); Dingo: {WORKERS} "
                    "DataLoader workers besides (1 torch thread each), the first 2 batches (start-up) not timed",
+        "arrival_time": f"free, GNPE kernel {config['gnpe']['kernel']} s" if gnpe else "fixed at 0",
         "dingo_chain": [type(t).__name__ for t in wfd.transform.transforms],
-        "inference_parameters": settings["inference_parameters"], "asd_features": "zeros (fiducial ASD)",
-        "batch_shapes": expected, "adapted": ADAPTED, "setup_seconds": setup_seconds,
+        "inference_parameters": data_settings["inference_parameters"],
+        "dingo_context_parameters_dropped": data_settings["context_parameters"],
+        "asd_features": "zeros (fiducial ASD)", "batch_shapes": expected,
+        "adapted": ADAPTED + [ADAPTED_TIME[gnpe]], "setup_seconds": setup_seconds,
         "versions": {p: version(p) for p in ("dingo-gw", "bilby", "torch")}}
 
 
@@ -203,10 +241,12 @@ def main():
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(os.cpu_count())
-    started = time.perf_counter()
-    figure, details = vs_dingo_figure(args.repeats)
-    details["seconds"] = time.perf_counter() - started
-    print(json.dumps({"machine": bench.machine(), "vs_dingo": figure, "details": details}, indent=2))
+    results, details = {"machine": bench.machine()}, {}
+    for name, gnpe in FIGURES.items():
+        started = time.perf_counter()
+        results[name], details[name] = vs_dingo_figure(args.repeats, gnpe)
+        details[name]["seconds"] = time.perf_counter() - started
+    print(json.dumps({**results, "details": details}, indent=2))
 
 
 if __name__ == "__main__":
